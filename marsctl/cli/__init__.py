@@ -1,0 +1,1 @@
+"""Typer command-line interface. One module per command group; modules stay thin."""

@@ -1,0 +1,83 @@
+"""Typed configuration shared by every stage.
+
+Each stage has one frozen dataclass; YAML recipes hold only data and are loaded with
+:func:`from_mapping`, which rejects unknown keys so that a typo in a recipe is an error,
+not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Mapping, TypeVar
+
+from marsctl.errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class SignalConfig:
+    """Signal conventions of OmniSep/CLIPSep, so that numbers are comparable with theirs."""
+
+    sample_rate: int = 16_000
+    #: training window in samples (about 4.1 s at 16 kHz)
+    segment_samples: int = 65_535
+    n_fft: int = 1024
+    hop_length: int = 256
+    #: number of log-frequency bins the linear STFT bins are warped onto
+    n_log_bins: int = 256
+    #: two-source mixtures: each source is multiplied by this gain and the results summed
+    mix_source_gain: float = 0.5
+
+    @property
+    def n_linear_bins(self) -> int:
+        return self.n_fft // 2 + 1
+
+    def __post_init__(self) -> None:
+        if self.sample_rate <= 0:
+            raise ConfigError(f"sample_rate must be positive, got {self.sample_rate}")
+        if self.hop_length <= 0 or self.hop_length > self.n_fft:
+            raise ConfigError(f"hop_length must be in 1..n_fft, got {self.hop_length}")
+        if self.n_log_bins < 2:
+            raise ConfigError(f"n_log_bins must be at least 2, got {self.n_log_bins}")
+
+
+def from_mapping(cls: type[T], data: Mapping[str, Any] | None, where: str = "config") -> T:
+    """Build the dataclass ``cls`` from a mapping (e.g. parsed YAML), recursively.
+
+    Unknown keys raise :class:`ConfigError` naming ``where`` and the key.
+    """
+    data = dict(data or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        hint = hints[name]
+        nested = _dataclass_in(hint)
+        if nested is not None and isinstance(value, Mapping):
+            value = from_mapping(nested, value, f"{where}.{name}")
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            if dataclasses.is_dataclass(arg) and isinstance(arg, type):
+                return arg
+    return None
+
+
+def to_mapping(obj: Any) -> dict[str, Any]:
+    """The inverse of :func:`from_mapping`: a plain dict ready for JSON or YAML."""
+    return dataclasses.asdict(obj)

@@ -1,0 +1,1 @@
+"""Models: the separator, its Beta mask policy, and the query/reward encoders."""

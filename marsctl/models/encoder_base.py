@@ -1,0 +1,43 @@
+"""The one interface every query/reward encoder implements.
+
+Every method returns L2-normalized float32 vectors ``[N, embedding_dim]`` in one shared
+space, so that text, audio and image queries can be compared and fused. In eval mode an
+encoder is deterministic: the same input gives the same vector whatever the batch.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class QueryEncoder(nn.Module, abc.ABC):
+    """Text, audio and image towers projecting into one shared embedding space."""
+
+    #: size of the shared embedding space
+    embedding_dim: int
+
+    @abc.abstractmethod
+    def embed_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """``N`` strings -> ``[N, D]`` unit vectors."""
+
+    @abc.abstractmethod
+    def embed_audio(self, waveforms: torch.Tensor | np.ndarray | Sequence[torch.Tensor], sample_rate: int) -> torch.Tensor:
+        """Mono waveforms (``[N, T]``, or a list of ``[T_i]``) at ``sample_rate`` -> ``[N, D]`` unit vectors.
+
+        The encoder resamples to its own rate; it must not crop at random.
+        """
+
+    @abc.abstractmethod
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        """RGB images ``[N, 3, H, W]``, float in [0, 1] -> ``[N, D]`` unit vectors."""
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in list(self.parameters()) + list(self.buffers()):
+            return tensor.device
+        return torch.device("cpu")
