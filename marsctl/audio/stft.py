@@ -89,14 +89,14 @@ class LogFrequencyWarp(nn.Module):
 
     def forward(self, linear: torch.Tensor) -> torch.Tensor:
         """``[..., n_linear, T]`` -> ``[..., n_log, T]``."""
-        return self._apply(self.to_log, linear, self.n_linear)
+        return self._warp_axis(self.to_log, linear, self.n_linear)
 
     def inverse(self, warped: torch.Tensor) -> torch.Tensor:
         """``[..., n_log, T]`` -> ``[..., n_linear, T]``."""
-        return self._apply(self.to_linear, warped, self.n_log)
+        return self._warp_axis(self.to_linear, warped, self.n_log)
 
     @staticmethod
-    def _apply(matrix: torch.Tensor, x: torch.Tensor, n_in: int) -> torch.Tensor:
+    def _warp_axis(matrix: torch.Tensor, x: torch.Tensor, n_in: int) -> torch.Tensor:
         if x.shape[-2] != n_in:
             raise ValueError(f"expected {n_in} frequency bins on axis -2, got {x.shape[-2]}")
         return torch.matmul(matrix.to(x.dtype), x)

@@ -2,28 +2,33 @@
 
 BSS-Eval follows mir_eval's ``bss_eval_sources`` (BSS-Eval v3, 512-tap distortion
 filters, one window over the whole signal as museval ``window=inf``) with the sources
-of a mixture scored jointly. The statistics and the conversion of projection
-coherences into decibels come from :mod:`fast_bss_eval`; what this module adds is the
-split between the work that depends only on the references (their correlation matrices
-and the Cholesky factors of the projection systems, :class:`BssEvalReferences`) and the
-work per estimate. Scoring several systems against the same references, as ``eval``
-does with the mixture, the oracle and each model, reuses the factors; a single system
-still gains because Cholesky costs half of the LU solve the libraries use. Everything is
-computed in float64: in float32 the metrics drift by up to 0.4 dB from mir_eval.
+of a mixture scored jointly. The block-Toeplitz layout and the conversion of projection
+coherences into decibels come from :mod:`fast_bss_eval`; what this module adds is
+
+- the split between the work that depends only on the references (their correlations,
+  :class:`BssEvalReferences`) and the work per estimate, so that scoring several systems
+  against the same references (the mixture, the oracle, each model) shares it;
+- solving the projection systems with the block Levinson recursion
+  (:mod:`marsctl.metrics.toeplitz`, ``O(L^2 S^3)``) instead of a dense ``O((L S)^3)``
+  solve, checked by its residual with a dense fallback.
+
+Everything is computed in float64: in float32 the metrics drift by up to 0.4 dB from
+mir_eval. ``bench/metrics_speed.py`` measures the speed against mir_eval.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import Sequence
+
 
 import torch
-from fast_bss_eval.torch.helpers import _normalize
-from fast_bss_eval.torch.linalg import block_toeplitz, toeplitz
+from fast_bss_eval.torch.linalg import block_toeplitz
 from fast_bss_eval.torch.metrics import _base_metrics_bss_eval
 
 from marsctl.audio.stft import Spectrogram
 from marsctl.config import SignalConfig
+from marsctl.metrics.toeplitz import block_toeplitz_matvec, solve_block_toeplitz
 
 #: mir_eval's bss_eval_sources distortion filter length
 BSS_EVAL_FILTER_LENGTH = 512
@@ -44,22 +49,27 @@ def _as_float64(x) -> torch.Tensor:
     return torch.as_tensor(x).to(torch.float64)
 
 
-def _cholesky_or_none(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cholesky factors and a mask of the batch entries where factorisation succeeded."""
-    factor, info = torch.linalg.cholesky_ex(matrix)
-    return factor, info == 0
+#: relative residual above which the structured solve is redone densely
+_RESIDUAL_TOLERANCE = 1e-8
 
 
-def _solve_spd(matrix: torch.Tensor, factor: torch.Tensor, ok: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """Solve ``matrix @ x = rhs`` with precomputed Cholesky factors.
+def _solve_projection(lags: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Solve the block-Toeplitz projection system by block Levinson, checked by its residual.
 
-    Entries whose matrix was not numerically positive definite (e.g. identical
-    references) fall back to least squares, as mir_eval falls back to ``lstsq``.
+    Batch entries whose relative residual exceeds ``_RESIDUAL_TOLERANCE`` (nearly singular
+    reference sets, e.g. two identical references) are solved again densely by least
+    squares, as mir_eval falls back to ``lstsq``.
     """
-    solution = torch.cholesky_solve(rhs, factor)
-    if not bool(ok.all()):
-        bad = ~ok
-        solution[bad] = torch.linalg.lstsq(matrix[bad], rhs[bad]).solution
+    solution = solve_block_toeplitz(lags, rhs)
+    residual = block_toeplitz_matvec(lags, solution) - rhs
+    scale = rhs.flatten(-3).norm(dim=-1).clamp_min(torch.finfo(rhs.dtype).tiny)
+    relative = residual.flatten(-3).norm(dim=-1) / scale
+    bad = ~(relative <= _RESIDUAL_TOLERANCE)  # NaN counts as bad
+    if bool(bad.any()):
+        n, S, K = rhs.shape[-3:]
+        matrix = block_toeplitz(lags[bad])
+        dense = torch.linalg.lstsq(matrix, rhs[bad].reshape(-1, n * S, K)).solution
+        solution[bad] = dense.reshape(-1, n, S, K)
     return solution
 
 
@@ -68,7 +78,8 @@ class BssEvalReferences:
 
     ``references`` is ``[..., n_sources, n_samples]``. :meth:`score` takes estimates of
     the same shape (the j-th estimate is scored against the j-th reference; the other
-    references are the interference) and returns :class:`BssEvalScores`.
+    references are the interference) and returns :class:`BssEvalScores`;
+    :meth:`score_many` scores several systems' estimates in one pass.
     """
 
     def __init__(self, references: torch.Tensor, filter_length: int = BSS_EVAL_FILTER_LENGTH):
@@ -77,38 +88,51 @@ class BssEvalReferences:
             raise ValueError(f"references must be [..., n_sources, n_samples], got shape {tuple(refs.shape)}")
         self.shape = refs.shape
         self.filter_length = L = filter_length
-        self.n_fft = 2 ** math.ceil(math.log2(2 * refs.shape[-1] - 1))
-        self._spectra = torch.fft.rfft(_normalize(refs, dim=-1), n=self.n_fft, dim=-1)
-        # Auto- and cross-correlations of the references up to lag L: [..., 2L, S, S]
-        prod = torch.einsum("...cn,...dn->...ncd", self._spectra, self._spectra.conj())
-        acf = torch.fft.irfft(prod, n=self.n_fft, dim=-3)
-        acf = torch.cat([acf[..., :L, :, :], acf[..., -L:, :, :]], dim=-3)
-        # Projection onto shifts of the own reference (for SDR): one L x L Toeplitz system per source.
-        own = torch.diagonal(acf, dim1=-2, dim2=-1).transpose(-2, -1)[..., :L]
-        self._own_matrix = toeplitz(own).contiguous()
-        self._own_factor, self._own_ok = _cholesky_or_none(self._own_matrix)
-        # Projection onto shifts of all references (for SAR): one (L S) x (L S) block-Toeplitz system.
-        self._all_matrix = block_toeplitz(acf)
-        self._all_factor, self._all_ok = _cholesky_or_none(self._all_matrix)
+        # Correlations are needed up to lag L only, so T + L points avoid circular wrap-around.
+        self.n_fft = 1 << (refs.shape[-1] + L - 1).bit_length()
+        self._spectra = torch.fft.rfft(refs, n=self.n_fft, dim=-1)
+        # BSS-Eval works on unit-norm signals; the norms scale the correlations instead of the
+        # signals, which saves a pass over the audio.
+        self._norms = refs.norm(dim=-1).clamp_min(1e-12)  # [..., S]
+        # Auto- and cross-correlations of the references, lags 0..L-1 then -L..-1: [..., S, S, 2L]
+        prod = self._spectra.unsqueeze(-2) * self._spectra.conj().unsqueeze(-3)
+        acf = torch.fft.irfft(prod, n=self.n_fft, dim=-1)
+        acf = torch.cat([acf[..., :L], acf[..., -L:]], dim=-1)
+        acf = acf / (self._norms.unsqueeze(-1) * self._norms.unsqueeze(-2)).unsqueeze(-1)
+        self._lags_all = acf.permute(*range(acf.ndim - 3), -1, -3, -2).contiguous()  # [..., 2L, S, S]
+        # each reference's own autocorrelation, as a batch of 1 x 1 "blocks": [..., S, 2L, 1, 1]
+        self._lags_own = torch.diagonal(acf, dim1=-3, dim2=-2).movedim(-1, -2)[..., None, None].contiguous()
 
     def score(self, estimates: torch.Tensor) -> BssEvalScores:
-        est = _as_float64(estimates)
-        if est.shape != self.shape:
-            raise ValueError(f"estimates shape {tuple(est.shape)} differs from references {tuple(self.shape)}")
-        L = self.filter_length
-        spectra = torch.fft.rfft(_normalize(est, dim=-1), n=self.n_fft, dim=-1)
-        cross = torch.einsum("...cn,...dn->...ncd", self._spectra.conj(), spectra)
-        xcorr = torch.fft.irfft(cross, n=self.n_fft, dim=-3)[..., :L, :, :]  # [..., L, S_ref, S_est]
-        # coherence with the own reference's subspace
-        xcorr_own = torch.diagonal(xcorr, dim1=-2, dim2=-1).transpose(-2, -1)[..., None]  # [..., S, L, 1]
-        sol = _solve_spd(self._own_matrix, self._own_factor, self._own_ok, xcorr_own)
-        coh_sdr = (xcorr_own * sol).sum(dim=(-2, -1))
-        # coherence with the subspace of all references
-        xcorr_all = xcorr.reshape(*xcorr.shape[:-3], -1, xcorr.shape[-1])  # [..., L S, S_est]
-        sol = _solve_spd(self._all_matrix, self._all_factor, self._all_ok, xcorr_all)
-        coh_sar = (xcorr_all * sol).sum(dim=-2)
+        return self.score_many([estimates])[0]
+
+    def score_many(self, estimate_sets: Sequence[torch.Tensor]) -> list[BssEvalScores]:
+        """Score several systems' estimates (each shaped like the references) in one pass."""
+        ests = [_as_float64(e) for e in estimate_sets]
+        for est in ests:
+            if est.shape != self.shape:
+                raise ValueError(f"estimates shape {tuple(est.shape)} differs from references {tuple(self.shape)}")
+        L, n_sets, S = self.filter_length, len(ests), self.shape[-2]
+        est = torch.stack(ests, dim=-3)  # [..., E, S, T]
+        est_norms = est.norm(dim=-1).clamp_min(1e-12)  # [..., E, S]
+        spectra = torch.fft.rfft(est, n=self.n_fft, dim=-1)
+        cross = self._spectra.conj()[..., :, None, None, :] * spectra.unsqueeze(-4)
+        xcorr = torch.fft.irfft(cross, n=self.n_fft, dim=-1)[..., :L]  # [..., S_ref, E, S_est, L]
+        xcorr = xcorr / (self._norms[..., :, None, None, None] * est_norms[..., None, :, :, None])
+        # coherence of each estimate with its own reference's shifts (SDR)
+        own = torch.diagonal(xcorr, dim1=-4, dim2=-2)  # [..., E, L, S]
+        rhs_own = own.permute(*range(own.ndim - 3), -1, -2, -3)[..., None, :]  # [..., S, L, 1, E]
+        sol = _solve_projection(self._lags_own, rhs_own.contiguous())
+        coh_sdr = (rhs_own * sol).sum(dim=(-3, -2))  # [..., S, E]
+        # coherence with the shifts of all references (SAR)
+        rhs_all = xcorr.flatten(-3, -2).movedim(-1, -3)  # [..., L, S_ref, E*S_est]
+        sol = _solve_projection(self._lags_all, rhs_all.contiguous())
+        coh_sar = (rhs_all * sol).sum(dim=(-3, -2)).unflatten(-1, (n_sets, S))  # [..., E, S]
+        coh_sdr = coh_sdr.movedim(-1, -2)  # [..., E, S]
         neg_sdr, neg_sir, neg_sar = _base_metrics_bss_eval(coh_sdr, coh_sar, clamp_db=None)
-        return BssEvalScores(sdr=-neg_sdr, sir=-neg_sir, sar=-neg_sar)
+        return [
+            BssEvalScores(sdr=-neg_sdr[..., e, :], sir=-neg_sir[..., e, :], sar=-neg_sar[..., e, :]) for e in range(n_sets)
+        ]
 
 
 def bss_eval_sources(references: torch.Tensor, estimates: torch.Tensor, filter_length: int = BSS_EVAL_FILTER_LENGTH) -> BssEvalScores:

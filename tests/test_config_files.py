@@ -1,0 +1,49 @@
+"""Typed configs from YAML-like mappings, and atomic writes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from marsctl.config import SignalConfig, from_mapping, to_mapping
+from marsctl.errors import ConfigError
+from marsctl.files import atomic_path, write_json_atomic
+
+
+@dataclasses.dataclass(frozen=True)
+class Outer:
+    name: str = "x"
+    signal: SignalConfig = SignalConfig()
+    maybe: SignalConfig | None = None
+
+
+def test_from_mapping_builds_nested_configs_and_rejects_typos():
+    cfg = from_mapping(Outer, {"name": "y", "signal": {"sample_rate": 22050}, "maybe": {"hop_length": 128}})
+    assert cfg.signal.sample_rate == 22050 and cfg.signal.n_fft == 1024
+    assert cfg.maybe is not None and cfg.maybe.hop_length == 128
+    assert to_mapping(cfg)["signal"]["sample_rate"] == 22050
+    with pytest.raises(ConfigError, match=r"recipe\.signal: unknown key\(s\) sample_rte"):
+        from_mapping(Outer, {"signal": {"sample_rte": 1}}, where="recipe")
+    with pytest.raises(ConfigError, match="hop_length"):
+        SignalConfig(hop_length=0)
+
+
+def test_signal_config_defaults_are_the_design_conventions():
+    cfg = SignalConfig()
+    assert (cfg.sample_rate, cfg.segment_samples, cfg.n_fft, cfg.hop_length, cfg.n_log_bins) == (16000, 65535, 1024, 256, 256)
+    assert cfg.n_linear_bins == 513 and cfg.mix_source_gain == 0.5
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "a" / "out.json"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert not target.exists() and list((tmp_path / "a").iterdir()) == []
+    write_json_atomic(target, {"k": 1})
+    assert target.read_text().strip().startswith("{") and len(list(target.parent.iterdir())) == 1
+    with pytest.raises(ValueError):
+        write_json_atomic(target, {"bad": float("nan")})
+    assert '"k": 1' in target.read_text()  # the old file is untouched
