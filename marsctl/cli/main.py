@@ -14,7 +14,12 @@ import typer
 from rich.console import Console
 
 from marsctl import __version__
+from marsctl.cli import align as align_cli
+from marsctl.cli import data as data_cli
 from marsctl.cli import eval as eval_cli
+from marsctl.cli import hub as hub_cli
+from marsctl.cli import separate as separate_cli
+from marsctl.cli import train as train_cli
 from marsctl.errors import MarsctlError
 
 app = typer.Typer(
@@ -31,7 +36,12 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+data_cli.register(app)
+align_cli.register(app)
 eval_cli.register(app)
+hub_cli.register(app)
+train_cli.register(app)
+separate_cli.register(app)
 
 err_console = Console(stderr=True)
 

@@ -1,0 +1,197 @@
+"""Rewards as a weighted list of named reward functions (TRL GRPO style), each term logged.
+
+Every reward function maps a :class:`RewardBatch` to one score per separated estimate;
+the total is ``R = sum_i w_i r_i`` and every ``r_i`` is reported on its own
+(:func:`compute_rewards`). The functions (weights from the recipe's ``rewards`` mapping):
+
+``semantic_anchor`` (MARS-Sep's reward)
+    cos(phi_a(y_hat), z*), with ``z*`` the target's anchor: the reward encoder's
+    ``anchor_fusion`` of the target's audio, text (and image) embeddings. An encoder
+    without an anchor module (never aligned) falls back to the query ``q`` itself; the
+    trainer says so in its log (:func:`anchor_embeddings` returns which one was used).
+``query_similarity``
+    cos(phi_a(y_hat), q) with the query in the reward encoder's space.
+``si_sdr``
+    SI-SDR of the estimate against the known target, clamped to +-``si_sdr_cap_db`` and
+    divided by it, so the term lies in [-1, 1] like the cosines (a perfect estimate gives 1).
+``energy_guard`` (against reward hacking)
+    -(E_excess + E_consistency) with
+    ``E_excess = sum_{f,t} max(|Y|^2 - |X|^2, 0) / sum_{f,t} |X|^2`` (an estimate may not hold
+    more energy than the mixture in any STFT bin) and
+    ``E_consistency = ||x - (y_hat + r)||^2 / ||x||^2`` (target + residual add up to the
+    mixture; zero by construction when no separate residual is given, as for masks).
+    0 for any honest mask-based estimate, strongly negative for e.g. added noise.
+
+Default weights (:class:`RewardWeights`): semantic_anchor 1, query_similarity 0 (logged
+only), si_sdr 0.25, energy_guard 1. With these an all-pass mask (y_hat = x) and a noise
+estimate score below the true target (tests/test_rl_rewards.py).
+
+Shapes: per-estimate tensors are ``[..., T]`` / ``[..., D]`` (``[G, B, ...]`` in training);
+per-mixture tensors (mixtures, targets, anchors, queries) broadcast against them
+(``[B, ...]``). Rewards come back with the leading shape ``[...]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from marsctl.audio import Spectrogram
+from marsctl.config import SignalConfig
+from marsctl.errors import ConfigError
+from marsctl.metrics.separation import si_sdr
+
+#: a small energy floor (silent mixtures do not divide by zero)
+ENERGY_FLOOR = 1e-8
+
+
+@dataclasses.dataclass
+class RewardBatch:
+    """What reward functions may look at (``None``: not available for this batch)."""
+
+    estimates: torch.Tensor  # y_hat [..., T]
+    mixtures: torch.Tensor  # x, broadcastable to estimates
+    signal: SignalConfig = dataclasses.field(default_factory=SignalConfig)
+    estimate_embeddings: torch.Tensor | None = None  # phi_a(y_hat) [..., D], unit norm
+    anchors: torch.Tensor | None = None  # z* [..., D], unit norm
+    queries: torch.Tensor | None = None  # q in the reward encoder's space [..., D]
+    targets: torch.Tensor | None = None  # ground-truth target as in the mix [..., T]
+    residuals: torch.Tensor | None = None  # separately estimated residual [..., T] (None: x - y_hat)
+    #: |X|^2 of the mixtures [..., 513, frames], when the caller already has it
+    mixture_power: torch.Tensor | None = None
+
+
+def _need(value: torch.Tensor | None, what: str, reward: str) -> torch.Tensor:
+    if value is None:
+        raise ValueError(f"reward '{reward}' needs {what}")
+    return value
+
+
+def semantic_anchor_reward(batch: RewardBatch) -> torch.Tensor:
+    """cos(phi_a(y_hat), z*)."""
+    emb = _need(batch.estimate_embeddings, "estimate embeddings", "semantic_anchor").float()
+    anchors = _need(batch.anchors, "anchors z*", "semantic_anchor").float()
+    return F.cosine_similarity(emb, anchors.expand_as(emb), dim=-1)
+
+
+def query_similarity_reward(batch: RewardBatch) -> torch.Tensor:
+    """cos(phi_a(y_hat), q)."""
+    emb = _need(batch.estimate_embeddings, "estimate embeddings", "query_similarity").float()
+    queries = _need(batch.queries, "query embeddings", "query_similarity").float()
+    return F.cosine_similarity(emb, queries.expand_as(emb), dim=-1)
+
+
+def si_sdr_reward(batch: RewardBatch, cap_db: float = 30.0) -> torch.Tensor:
+    """clamp(SI-SDR(target, y_hat), -cap, cap) / cap; an all-zero estimate gets -1."""
+    targets = _need(batch.targets, "the known target", "si_sdr")
+    estimates = batch.estimates
+    value = si_sdr(targets.expand_as(estimates), estimates)  # float64, inf for a perfect estimate
+    value = torch.nan_to_num(value, nan=-cap_db, posinf=cap_db, neginf=-cap_db)
+    return (value.clamp(-cap_db, cap_db) / cap_db).float()
+
+
+def energy_guard_reward(batch: RewardBatch) -> torch.Tensor:
+    """-(E_excess + E_consistency); see the module docstring."""
+    spectrogram = Spectrogram(batch.signal).to(batch.estimates.device)
+    estimates, mixtures = batch.estimates.float(), batch.mixtures.float()
+    with torch.autocast(device_type=estimates.device.type, enabled=False):
+        est_power = spectrogram.stft(estimates).abs().square()  # |Y|^2
+        mix_power = batch.mixture_power if batch.mixture_power is not None else spectrogram.stft(mixtures).abs().square()  # |X|^2
+        mix_energy = mix_power.sum(dim=(-2, -1)) + ENERGY_FLOOR
+        excess = (est_power - mix_power).clamp_min(0).sum(dim=(-2, -1)) / mix_energy  # E_excess
+        if batch.residuals is None:
+            consistency = torch.zeros_like(excess)  # r = x - y_hat: target + residual = x exactly
+        else:
+            error = mixtures - (estimates + batch.residuals.float())
+            consistency = error.square().sum(-1) / (mixtures.square().sum(-1) + ENERGY_FLOOR)  # E_consistency
+    return -(excess + consistency.expand_as(excess))
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardWeights:
+    """Weights w_i of R = sum_i w_i r_i (a weight of 0 keeps the term logged but out of R)."""
+
+    semantic_anchor: float = 1.0
+    query_similarity: float = 0.0
+    si_sdr: float = 0.25
+    energy_guard: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    weights: RewardWeights = dataclasses.field(default_factory=RewardWeights)
+    #: SI-SDR is clamped to +-cap and divided by it
+    si_sdr_cap_db: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.si_sdr_cap_db <= 0:
+            raise ConfigError(f"rewards.si_sdr_cap_db must be positive, got {self.si_sdr_cap_db}")
+        if not any(w != 0 for w in dataclasses.asdict(self.weights).values()):
+            raise ConfigError("rewards.weights: at least one reward weight must be non-zero")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardFunction:
+    name: str
+    weight: float
+    function: Callable[[RewardBatch], torch.Tensor]
+
+
+def reward_functions(config: RewardConfig = RewardConfig()) -> list[RewardFunction]:
+    """The weighted list of named reward functions of ``config``."""
+    w = config.weights
+    return [
+        RewardFunction("semantic_anchor", w.semantic_anchor, semantic_anchor_reward),
+        RewardFunction("query_similarity", w.query_similarity, query_similarity_reward),
+        RewardFunction("si_sdr", w.si_sdr, lambda batch: si_sdr_reward(batch, config.si_sdr_cap_db)),
+        RewardFunction("energy_guard", w.energy_guard, energy_guard_reward),
+    ]
+
+
+def compute_rewards(functions: Sequence[RewardFunction], batch: RewardBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """R = sum_i w_i r_i, and each r_i by name (for logging). All on the estimates' leading shape."""
+    terms: dict[str, torch.Tensor] = {}
+    total = None
+    for function in functions:
+        value = function.function(batch).float()
+        terms[function.name] = value
+        total = function.weight * value if total is None else total + function.weight * value  # R = sum_i w_i r_i
+    if total is None:
+        raise ValueError("no reward functions")
+    return total, terms
+
+
+@torch.no_grad()
+def anchor_embeddings(
+    encoder,
+    target_audio: torch.Tensor | None,
+    texts: Sequence[str] | None,
+    sample_rate: int,
+    images: torch.Tensor | None = None,
+    fallback_queries: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, str]:
+    """The anchors z* ``[B, D]`` of B targets, and where they came from.
+
+    With ``encoder.anchor_fusion`` (an aligned encoder): z* = AnchorFusion(audio, text, image)
+    of the targets' embeddings ("anchor_fusion"). Without it: the queries
+    (``fallback_queries``, or the encoder's text embeddings of ``texts``): "query (no anchor module)".
+    """
+    fusion = getattr(encoder, "anchor_fusion", None)
+    if fusion is not None:
+        parts = {}
+        if target_audio is not None and "audio" in fusion.modalities:
+            parts["audio"] = encoder.embed_audio(target_audio.float(), sample_rate).float()
+        if texts is not None and "text" in fusion.modalities:
+            parts["text"] = encoder.embed_text(list(texts)).float()
+        if images is not None and "image" in fusion.modalities:
+            parts["image"] = encoder.embed_image(images).float()
+        if parts:
+            return F.normalize(fusion(**parts).float(), dim=-1), "anchor_fusion"
+    if fallback_queries is not None:
+        return F.normalize(fallback_queries.float(), dim=-1), "query (no anchor module)"
+    if texts is None:
+        raise ValueError("no anchor module, no fallback queries and no texts")
+    return encoder.embed_text(list(texts)).float(), "query (no anchor module)"

@@ -1,0 +1,2 @@
+"""Training: the supervised separator trainer and the infrastructure RL reuses
+(checkpoints with exact resume, distributed launch, resumable data order)."""

@@ -1,0 +1,143 @@
+"""RL math: group-relative advantages, the clipped surrogate (value and gradient), policy loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from marsctl.models.policy import BetaMaskPolicy
+from marsctl.rl.advantages import MovingAverageBaseline, group_relative_advantages
+from marsctl.rl.losses import bin_averaged_ratio, clipped_surrogate, policy_loss
+
+
+def test_group_normalization_by_hand():
+    rewards = torch.tensor([[1.0, 2.0], [3.0, 2.0], [5.0, 8.0]])  # [G=3, B=2]
+    adv = group_relative_advantages(rewards, eps=0.0)
+    # column 0: mean 3, unbiased std 2 -> (-1, 0, 1); column 1: mean 4, std sqrt(12) -> (-2, -2, 4)/sqrt(12)
+    assert torch.allclose(adv[:, 0], torch.tensor([-1.0, 0.0, 1.0]))
+    assert torch.allclose(adv[:, 1], torch.tensor([-2.0, -2.0, 4.0]) / math.sqrt(12))
+    # each group is centred and unit-spread whatever its reward scale and offset
+    scaled = group_relative_advantages(100 * rewards + 7, eps=0.0)
+    assert torch.allclose(scaled, adv, atol=1e-5)
+    # eps keeps a constant group finite (all zeros)
+    assert torch.equal(group_relative_advantages(torch.ones(4, 3)), torch.zeros(4, 3))
+    with pytest.raises(ValueError):
+        group_relative_advantages(torch.ones(1, 3))
+
+
+def test_moving_average_baseline_by_hand():
+    baseline = MovingAverageBaseline(beta=0.92)
+    first = torch.tensor([[1.0], [3.0]])  # mean 2, std sqrt(2)
+    adv = baseline.advantages(first, eps=0.0)
+    # b_0 = mean of the first batch = 2, so the first advantages equal the group-relative ones
+    assert torch.allclose(adv, torch.tensor([[-1.0], [1.0]]) / math.sqrt(2))
+    assert baseline.value == pytest.approx(2.0)  # 0.92 * 2 + 0.08 * 2
+    second = torch.tensor([[4.0], [6.0]])  # mean 5, std sqrt(2): centred on b = 2, not on 5
+    adv = baseline.advantages(second, eps=0.0)
+    assert torch.allclose(adv, torch.tensor([[2.0], [4.0]]) / math.sqrt(2))
+    assert baseline.value == pytest.approx(0.92 * 2 + 0.08 * 5)
+    restored = MovingAverageBaseline()
+    restored.load_state_dict(baseline.state_dict())
+    assert restored.value == baseline.value
+
+
+@pytest.mark.parametrize(
+    "ratio, advantage, loss, grad",
+    [
+        (1.1, 1.0, -1.1, -1.0),  # inside the clip range: plain r A, gradient -A
+        (1.5, 1.0, -1.2, 0.0),  # r > 1 + eps with A > 0: clipped, no gradient
+        (0.5, 1.0, -0.5, -1.0),  # r < 1 - eps with A > 0: the unclipped term is smaller, kept
+        (0.5, -1.0, 0.8, 0.0),  # r < 1 - eps with A < 0: clipped at 0.8, no gradient
+        (1.5, -1.0, 1.5, 1.0),  # r > 1 + eps with A < 0: pessimistic unclipped term, gradient -A
+        (0.9, -2.0, 1.8, 2.0),  # inside, negative advantage
+    ],
+)
+def test_clipped_surrogate_value_and_gradient(ratio, advantage, loss, grad):
+    r = torch.tensor([ratio], requires_grad=True)
+    value = clipped_surrogate(r, torch.tensor([advantage]), clip_eps=0.2)
+    value.backward()
+    assert value.item() == pytest.approx(loss)
+    assert r.grad.item() == pytest.approx(grad)
+
+
+def test_surrogate_averages_over_samples():
+    r = torch.tensor([1.1, 1.5, 0.5, 1.5], requires_grad=True)
+    a = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    value = clipped_surrogate(r, a, 0.2)
+    value.backward()
+    assert value.item() == pytest.approx((-1.1 - 1.2 + 0.8 + 1.5) / 4, abs=1e-6)
+    assert torch.allclose(r.grad, torch.tensor([-1.0, 0.0, 0.0, 1.0]) / 4)
+
+
+def test_bin_averaged_ratio_by_hand():
+    new = torch.log(torch.tensor([[[[2.0, 1.0], [0.5, 0.5]]]]))  # [G=1, B=1, F=2, T=2]
+    old = torch.zeros_like(new)
+    assert bin_averaged_ratio(new, old).item() == pytest.approx((2 + 1 + 0.5 + 0.5) / 4)
+
+
+def _dlogp_dp(m: float, p: float, kappa: float) -> float:
+    """d/dP log Beta(m; 1 + kP, 1 + k(1 - P)) = k [ln m - ln(1 - m) - psi(alpha) + psi(beta)]."""
+    a, b = torch.tensor(1 + kappa * p), torch.tensor(1 + kappa * (1 - p))
+    return kappa * (math.log(m) - math.log(1 - m) - float(torch.digamma(a)) + float(torch.digamma(b)))
+
+
+def test_policy_loss_gradient_matches_hand_formula_at_sampling_time():
+    """At sampling time (pi = pi_old) r = 1, nothing is clipped and
+    dL_clip/dP = -(1/G) sum_g A_g dlog pi(M_g)/dP (one bin, one mixture)."""
+    kappa, p0 = 9.0, 0.3
+    probs = torch.tensor([[[p0]]], requires_grad=True)  # [B=1, F=1, T=1]
+    policy = BetaMaskPolicy(probs, kappa)
+    masks = torch.tensor([0.2, 0.7]).view(2, 1, 1, 1)  # G = 2
+    adv = torch.tensor([[1.0], [-1.0]])
+    out = policy_loss(policy, policy.detach(), None, masks, adv, clip_eps=0.2, entropy_coef=0.0, kl_coef=0.0)
+    out.loss.backward()
+    expected = -(1.0 * _dlogp_dp(0.2, p0, kappa) - 1.0 * _dlogp_dp(0.7, p0, kappa)) / 2
+    assert probs.grad.item() == pytest.approx(expected, rel=1e-5)
+    assert out.stats["ratio_min"] == pytest.approx(1.0) and out.stats["ratio_max"] == pytest.approx(1.0)
+    assert out.stats["clip_fraction"] == 0.0 and out.stats["approx_kl_old"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_policy_loss_terms_against_torch_distributions():
+    torch.manual_seed(0)
+    kappa = 9.0
+    old_p = torch.rand(3, 4, 5) * 0.8 + 0.1
+    ref_p = torch.rand(3, 4, 5) * 0.8 + 0.1
+    new_p = (old_p + 0.05 * torch.randn_like(old_p)).clamp(0.05, 0.95).requires_grad_(True)
+    new, old, ref = BetaMaskPolicy(new_p, kappa), BetaMaskPolicy(old_p, kappa), BetaMaskPolicy(ref_p, kappa)
+    masks = old.sample(6)  # [G=6, B=3, F=4, T=5]
+    adv = torch.randn(6, 3)
+    out = policy_loss(new, old, ref, masks, adv, clip_eps=0.2, entropy_coef=0.1, kl_coef=0.01)
+
+    def beta(p):
+        return torch.distributions.Beta(1 + kappa * p, 1 + kappa * (1 - p))
+
+    m = masks.clamp(1e-6, 1 - 1e-6)
+    ratio = torch.exp(beta(new_p).log_prob(m) - beta(old_p).log_prob(m)).mean(dim=(-2, -1))
+    surrogate = -torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv).mean()
+    entropy = beta(new_p).entropy().mean()
+    kl = torch.distributions.kl_divergence(beta(new_p), beta(ref_p)).mean()
+    expected = surrogate - 0.1 * entropy + 0.01 * kl
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-5)
+    grad_ours = torch.autograd.grad(out.loss, new_p, retain_graph=True)[0]
+    grad_ref = torch.autograd.grad(expected, new_p)[0]
+    assert torch.allclose(grad_ours, grad_ref, rtol=1e-3, atol=1e-6)
+    assert out.stats["clip_fraction"] == pytest.approx(float(((ratio - 1).abs() > 0.2).float().mean()))
+    assert out.stats["ratio_min"] == pytest.approx(float(ratio.detach().min()), rel=1e-5)
+    assert out.stats["kl_ref"] == pytest.approx(float(kl.detach()), rel=1e-4)
+
+
+def test_entropy_bonus_and_kl_penalty_push_the_right_way():
+    """-lambda_H H pushes P toward 1/2 (max entropy); +lambda_KL KL pulls P toward the reference."""
+    probs = torch.tensor([[[0.9]]], requires_grad=True)
+    policy = BetaMaskPolicy(probs)
+    masks = torch.full((2, 1, 1, 1), 0.5)
+    zero_adv = torch.zeros(2, 1)
+    policy_loss(policy, policy.detach(), None, masks, zero_adv, entropy_coef=1.0, kl_coef=0.0).loss.backward()
+    assert probs.grad.item() > 0  # gradient descent lowers P from 0.9 toward 0.5
+    probs.grad = None
+    policy = BetaMaskPolicy(probs)
+    ref = BetaMaskPolicy(torch.tensor([[[0.99]]]))
+    policy_loss(policy, policy.detach(), ref, masks, zero_adv, entropy_coef=0.0, kl_coef=1.0).loss.backward()
+    assert probs.grad.item() < 0  # descent raises P toward the reference's 0.99

@@ -1,0 +1,147 @@
+"""Reward functions: each one by hand, the weighted sum, anchors, and the hacking guard."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from marsctl.config import SignalConfig
+from marsctl.errors import ConfigError
+from marsctl.models.encoders import AnchorFusion
+from marsctl.models.query import normalize
+from marsctl.rl.rewards import (
+    RewardBatch,
+    RewardConfig,
+    RewardWeights,
+    anchor_embeddings,
+    compute_rewards,
+    energy_guard_reward,
+    query_similarity_reward,
+    reward_functions,
+    semantic_anchor_reward,
+    si_sdr_reward,
+)
+from test_separator_fixtures import SR, LabelTestEncoder, synth
+
+SIGNAL = SignalConfig()
+
+
+@pytest.fixture(scope="module")
+def sources():
+    rng = np.random.default_rng(5)
+    target = torch.from_numpy(synth("low hum", 1.0, rng)) * 0.5
+    other = torch.from_numpy(synth("high whistle", 1.0, rng)) * 0.5
+    return target, other
+
+
+def _audio_anchor_encoder():
+    encoder = LabelTestEncoder(embedding_dim=16)
+    encoder.anchor_fusion = AnchorFusion(16, rank=4, modalities=("audio",))  # untrained: z* = phi_a(target)
+    return encoder
+
+
+def test_semantic_anchor_is_cosine_to_anchor(sources):
+    target, other = sources
+    encoder = _audio_anchor_encoder()
+    anchors, origin = anchor_embeddings(encoder, target[None], ["low hum"], SR)
+    assert origin == "anchor_fusion"
+    estimates = torch.stack([target, other, target + other])
+    batch = RewardBatch(estimates, (target + other)[None], estimate_embeddings=encoder.embed_audio(estimates, SR), anchors=anchors)
+    reward = semantic_anchor_reward(batch)
+    assert reward[0].item() == pytest.approx(1.0, abs=1e-5)
+    assert reward[0] > reward[2] > reward[1]  # target > mixture > the other source
+    by_hand = (batch.estimate_embeddings[1] * anchors[0]).sum() / batch.estimate_embeddings[1].norm()
+    assert reward[1].item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+def test_anchor_falls_back_to_the_query_without_anchor_module(sources):
+    target, _ = sources
+    encoder = LabelTestEncoder(embedding_dim=16)
+    q = normalize(torch.randn(1, 16))
+    anchors, origin = anchor_embeddings(encoder, target[None], ["low hum"], SR, fallback_queries=q)
+    assert origin == "query (no anchor module)" and torch.allclose(anchors, q)
+    anchors, _ = anchor_embeddings(encoder, target[None], ["low hum"], SR)
+    assert torch.allclose(anchors, encoder.embed_text(["low hum"]))
+
+
+def test_query_similarity_by_hand():
+    emb = torch.tensor([[1.0, 0.0], [0.6, 0.8]])  # [G=2, D]
+    q = torch.tensor([[0.0, 1.0]])
+    batch = RewardBatch(torch.zeros(2, 10), torch.zeros(1, 10), estimate_embeddings=emb, queries=q)
+    assert torch.allclose(query_similarity_reward(batch), torch.tensor([0.0, 0.8]))
+
+
+def test_si_sdr_reward_by_hand(sources):
+    target, other = sources
+    # remove the mean so the residual's energy ratio is exactly the SI-SDR
+    target = target - target.mean()
+    noise = torch.randn(target.shape[0], generator=torch.Generator().manual_seed(0))
+    noise = noise - noise.mean()
+    noise = noise - (noise @ target) / (target @ target) * target  # orthogonal to the target
+    noise = noise * (target.norm() / noise.norm()) * 10 ** (-10 / 20)  # 10 dB below the target
+    estimates = torch.stack([target, 3.0 * target, target + noise, torch.zeros_like(target)])
+    reward = si_sdr_reward(RewardBatch(estimates, target[None], targets=target[None]), cap_db=30.0)
+    assert reward[0].item() == pytest.approx(1.0) and reward[1].item() == pytest.approx(1.0)  # scale-invariant, capped
+    assert reward[2].item() == pytest.approx(10.0 / 30.0, abs=1e-4)
+    assert reward[3].item() == pytest.approx(-1.0)  # silence: the floor
+
+
+def test_energy_guard_by_hand(sources):
+    target, other = sources
+    mixture = target + other
+    # a masked estimate never holds more energy than the mixture (up to STFT inconsistency),
+    # and a true source only where it cancels against the other one: the guard is about zero
+    from marsctl.audio import Spectrogram
+
+    spectrogram = Spectrogram(SIGNAL)
+    spec = spectrogram.stft(mixture)
+    mask = torch.rand(spec.shape, generator=torch.Generator().manual_seed(0))
+    masked = spectrogram.istft(mask * spec, mixture.shape[0])
+    guard = energy_guard_reward(RewardBatch(torch.stack([masked, target, 0.5 * mixture]), mixture[None], SIGNAL))
+    assert (guard <= 0).all() and (guard > -1e-3).all(), guard
+    # y = 2x holds 4 |X|^2 in every bin: excess = (4 - 1) sum|X|^2 / sum|X|^2 = 3
+    guard = energy_guard_reward(RewardBatch((2 * mixture)[None], mixture[None], SIGNAL))
+    assert guard.item() == pytest.approx(-3.0, rel=1e-4)
+    # target + residual must add up to the mixture: an error e costs ||e||^2 / ||x||^2
+    error = 0.1 * mixture
+    guard = energy_guard_reward(RewardBatch(target[None], mixture[None], SIGNAL, residuals=(other + error)[None]))
+    assert guard.item() == pytest.approx(-0.01, abs=5e-4)  # (+ the tiny excess of the target alone)
+
+
+def test_weighted_sum_and_every_term_reported(sources):
+    target, other = sources
+    encoder = _audio_anchor_encoder()
+    anchors, _ = anchor_embeddings(encoder, target[None], ["low hum"], SR)
+    estimates = torch.stack([target, other])
+    batch = RewardBatch(
+        estimates, (target + other)[None], SIGNAL, estimate_embeddings=encoder.embed_audio(estimates, SR),
+        anchors=anchors, queries=encoder.embed_text(["low hum"]), targets=target[None],
+    )
+    config = RewardConfig(weights=RewardWeights(semantic_anchor=2.0, query_similarity=0.5, si_sdr=0.25, energy_guard=1.0))
+    total, terms = compute_rewards(reward_functions(config), batch)
+    assert set(terms) == {"semantic_anchor", "query_similarity", "si_sdr", "energy_guard"}
+    by_hand = 2.0 * terms["semantic_anchor"] + 0.5 * terms["query_similarity"] + 0.25 * terms["si_sdr"] + terms["energy_guard"]
+    assert torch.allclose(total, by_hand)
+    with pytest.raises(ConfigError):
+        RewardConfig(weights=RewardWeights(0.0, 0.0, 0.0, 0.0))
+
+
+def test_all_pass_and_noise_score_below_the_true_target(sources):
+    """The hacking guard: under the default weights, returning the whole mixture (all-pass
+    mask) or noise as loud as the mixture scores below the true target."""
+    target, other = sources
+    mixture = target + other
+    encoder = _audio_anchor_encoder()
+    anchors, _ = anchor_embeddings(encoder, target[None], ["low hum"], SR)
+    noise = torch.randn(mixture.shape[0], generator=torch.Generator().manual_seed(1)) * mixture.std()
+    estimates = torch.stack([target, mixture, noise, mixture + noise])
+    batch = RewardBatch(
+        estimates, mixture[None], SIGNAL, estimate_embeddings=encoder.embed_audio(estimates, SR),
+        anchors=anchors, queries=encoder.embed_text(["low hum"]), targets=target[None],
+    )
+    total, terms = compute_rewards(reward_functions(RewardConfig()), batch)
+    assert total[0] > total[1] and total[0] > total[2] and total[0] > total[3], (total, terms)
+    assert terms["energy_guard"][2] < -0.1 and terms["energy_guard"][3] < -0.1  # noise adds energy the mixture lacks
+    assert terms["energy_guard"][1].item() == pytest.approx(0.0, abs=1e-4)  # all-pass is consistent ...
+    assert terms["si_sdr"][1] < terms["si_sdr"][0] - 0.5  # ... but far from the target
