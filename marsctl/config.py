@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
 from marsctl.errors import ConfigError
@@ -81,3 +82,26 @@ def _dataclass_in(hint: Any) -> type | None:
 def to_mapping(obj: Any) -> dict[str, Any]:
     """The inverse of :func:`from_mapping`: a plain dict ready for JSON or YAML."""
     return dataclasses.asdict(obj)
+
+
+def load_recipe(cls: type[T], path: str | Path | None, overrides: Mapping[str, Any] | None = None, where: str = "config") -> T:
+    """A stage's config from a YAML recipe (or the defaults), with command-line overrides.
+
+    ``None`` override values are ignored (options the user did not give). Errors name the
+    recipe file.
+    """
+    import yaml
+
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{path}: cannot read the recipe ({str(exc).splitlines()[0]})") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a training recipe must be a mapping")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            data[key] = value
+    return from_mapping(cls, data, where=str(path or where))

@@ -233,7 +233,7 @@ def _from_mirror(source: YoutubeSource, ytid: str, clip_id: str, out_dir: Path) 
         try:
             path = hf_hub_download(repo_id=source.mirror, filename=filename, repo_type="dataset", local_dir=str(out_dir))
             return Path(path), "{clip_id}" not in template
-        except (EntryNotFoundError,) as exc:
+        except (EntryNotFoundError,):
             tried.append(filename)
         except RepositoryNotFoundError as exc:
             raise ItemFailed(f"mirror: dataset repo {source.mirror} not found or private") from exc

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -41,19 +40,43 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from marsctl.config import from_mapping, to_mapping
+from marsctl.config import load_recipe, to_mapping
 from marsctl.errors import ConfigError, MarsctlError
 from marsctl.files import write_json_atomic, write_text_atomic
 from marsctl.models.encoder_base import QueryEncoder
 from marsctl.models.policy import BetaMaskPolicy
 from marsctl.models.query import MODALITIES
 from marsctl.models.separator import Separator, load_separator, save_separator
-from marsctl.rl.advantages import DEFAULT_BASELINE_BETA, DEFAULT_EPS, MovingAverageBaseline, group_relative_advantages
-from marsctl.rl.losses import DEFAULT_CLIP_EPS, DEFAULT_ENTROPY_COEF, DEFAULT_KL_COEF, policy_loss
-from marsctl.rl.rewards import RewardBatch, RewardConfig, RewardFunction, anchor_embeddings, compute_rewards, reward_functions
+from marsctl.rl.advantages import (
+    DEFAULT_BASELINE_BETA,
+    DEFAULT_EPS,
+    MovingAverageBaseline,
+    group_relative_advantages,
+)
+from marsctl.rl.losses import (
+    DEFAULT_CLIP_EPS,
+    DEFAULT_ENTROPY_COEF,
+    DEFAULT_KL_COEF,
+    policy_loss,
+)
+from marsctl.rl.rewards import (
+    RewardBatch,
+    RewardConfig,
+    RewardFunction,
+    anchor_embeddings,
+    compute_rewards,
+    reward_functions,
+)
 from marsctl.train import checkpoint as ckpt
-from marsctl.train.data import EpochIndexedDataset, StepBatchSampler, collate, fixed_mixtures, mixing_dataset
+from marsctl.train.data import (
+    EpochIndexedDataset,
+    StepBatchSampler,
+    collate,
+    fixed_mixtures,
+    mixing_dataset,
+)
 from marsctl.train.distributed import DistributedContext
+from marsctl.train.schedule import warmup_cosine
 from marsctl.train.supervised import QueryBuilder, SupervisedConfig, validate
 
 BASELINES = ("group", "moving_average")
@@ -133,34 +156,12 @@ class RLConfig:
 
 def load_rl_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RLConfig:
     """A recipe YAML (or the defaults) with command-line overrides (``None`` values ignored)."""
-    import yaml
-
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{path}: cannot read the recipe ({str(exc).splitlines()[0]})") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a training recipe must be a mapping")
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            data[key] = value
-    return from_mapping(RLConfig, data, where=str(path or "train rl"))
+    return load_recipe(RLConfig, path, overrides, where="train rl")
 
 
 def lr_lambda(config: RLConfig) -> Callable[[int], float]:
     """LR multiplier: linear warmup to 1, then cosine decay to ``final_lr_fraction``."""
-
-    def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        span = max(1, config.max_steps - config.warmup_steps)
-        progress = min(1.0, (step - config.warmup_steps) / span)
-        return config.final_lr_fraction + (1 - config.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
+    return warmup_cosine(config.warmup_steps, config.max_steps, config.final_lr_fraction)
 
 
 @dataclasses.dataclass
@@ -512,7 +513,14 @@ def train_rl(
 
     progress_bar = None
     if ctx.is_main and progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         progress_bar = Progress(
             TextColumn("[bold]train rl"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from marsctl.config import SignalConfig, from_mapping, to_mapping
+from marsctl.config import SignalConfig, load_recipe, to_mapping
 from marsctl.errors import ConfigError, MarsctlError
 from marsctl.files import write_json_atomic, write_text_atomic
 from marsctl.metrics.separation import si_sdr_improvement
@@ -43,8 +42,15 @@ from marsctl.models.policy import DEFAULT_KAPPA
 from marsctl.models.query import MODALITIES, fuse, query_mixup_weights
 from marsctl.models.separator import Separator, SeparatorConfig, save_separator
 from marsctl.train import checkpoint as ckpt
-from marsctl.train.data import EpochIndexedDataset, StepBatchSampler, collate, fixed_mixtures, mixing_dataset
+from marsctl.train.data import (
+    EpochIndexedDataset,
+    StepBatchSampler,
+    collate,
+    fixed_mixtures,
+    mixing_dataset,
+)
 from marsctl.train.distributed import DistributedContext
+from marsctl.train.schedule import warmup_cosine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,34 +120,12 @@ class SupervisedConfig:
 
 def load_supervised_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> SupervisedConfig:
     """A recipe YAML (or the defaults) with command-line overrides (``None`` values ignored)."""
-    import yaml
-
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{path}: cannot read the recipe ({str(exc).splitlines()[0]})") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a training recipe must be a mapping")
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            data[key] = value
-    return from_mapping(SupervisedConfig, data, where=str(path or "train sup"))
+    return load_recipe(SupervisedConfig, path, overrides, where="train sup")
 
 
 def lr_lambda(config: SupervisedConfig) -> Callable[[int], float]:
     """LR multiplier: linear warmup to 1, then cosine decay to ``final_lr_fraction``."""
-
-    def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        span = max(1, config.max_steps - config.warmup_steps)
-        progress = min(1.0, (step - config.warmup_steps) / span)
-        return config.final_lr_fraction + (1 - config.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
+    return warmup_cosine(config.warmup_steps, config.max_steps, config.final_lr_fraction)
 
 
 def weighted_bce_mask_loss(
@@ -346,7 +330,14 @@ def train_supervised(
 
     progress_bar = None
     if ctx.is_main and progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         progress_bar = Progress(
             TextColumn("[bold]train sup"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
