@@ -18,6 +18,10 @@ is <= 1.3x.
     OMP_NUM_THREADS=1 python bench/rl_step_cost.py                       # paper-size separator, builtin encoder
     python bench/rl_step_cost.py --device cuda --batch-size 16 --json out.json
     python bench/rl_step_cost.py --small --segment-samples 32767         # the soundfont-small separator
+    python bench/rl_step_cost.py --small --segment-samples 32767 --recipe recipes/train/rl-soundfont-small.yaml
+
+``--recipe`` takes the RL settings that change the step's work (estimator, reward weights, KL and
+entropy coefficients) from an RL recipe; batch, group and epochs stay the options here.
 
 The reward encoder defaults to ``builtin`` (runs offline; its audio tower's cost does not
 depend on whether it was aligned); pass ``--encoder DIR`` for an aligned encoder or
@@ -27,6 +31,7 @@ depend on whether it was aligned); pass ``--encoder DIR`` for an aligned encoder
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -37,7 +42,7 @@ import torch
 from marsctl.config import SignalConfig
 from marsctl.models.separator import Separator, SeparatorConfig
 from marsctl.rl.rewards import reward_functions
-from marsctl.rl.trainer import PhaseTimer, RewardModel, RLConfig, rl_update
+from marsctl.rl.trainer import PhaseTimer, RewardModel, RLConfig, load_rl_config, rl_update
 from marsctl.train.supervised import weighted_bce_mask_loss
 
 LABELS = ["dog barking", "violin", "piano", "rain", "engine idling", "people speaking", "flute", "siren"]
@@ -60,6 +65,7 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="the soundfont-small separator (16 channels, x4 cap) instead of the paper's")
     parser.add_argument("--warmup", type=int, default=2, help="untimed pairs of steps first")
     parser.add_argument("--steps", type=int, default=6, help="timed pairs of steps")
+    parser.add_argument("--recipe", help="RL recipe whose estimator, rewards and loss coefficients the RL step uses")
     parser.add_argument("--phases", action="store_true", help="also time each phase of the RL step (synchronizes between phases)")
     parser.add_argument("--json", help="write the numbers here too")
     args = parser.parse_args()
@@ -77,7 +83,8 @@ def main() -> None:
     sup_model.load_state_dict(rl_model.state_dict())
     reference = Separator(sep_config).to(device).eval().requires_grad_(False)
     reference.load_state_dict(rl_model.state_dict())
-    rl_config = RLConfig(init_model="bench", data="bench", batch_size=args.batch_size, group_size=args.group_size, ppo_epochs=args.ppo_epochs)
+    sizes = {"init_model": "bench", "data": "bench", "batch_size": args.batch_size, "group_size": args.group_size, "ppo_epochs": args.ppo_epochs}
+    rl_config = load_rl_config(args.recipe, sizes) if args.recipe else RLConfig(**sizes)
     reward_model = RewardModel(encoder, reward_functions(rl_config.rewards), signal, same_space_as_queries=True)
     use_bf16 = device.type == "cuda"
 
@@ -146,6 +153,9 @@ def main() -> None:
         "batch_size": B,
         "group_size": args.group_size,
         "ppo_epochs": args.ppo_epochs,
+        "recipe": args.recipe,
+        "estimator": rl_config.estimator,
+        "reward_weights": dataclasses.asdict(rl_config.rewards.weights),
         "segment_samples": T,
         "timed_pairs": args.steps,
         "supervised_step_s": sup_median,

@@ -62,11 +62,35 @@ def from_mapping(cls: type[T], data: Mapping[str, Any] | None, where: str = "con
         nested = _dataclass_in(hint)
         if nested is not None and isinstance(value, Mapping):
             value = from_mapping(nested, value, f"{where}.{name}")
-        kwargs[name] = value
+        kwargs[name] = _number(value, hint, f"{where}: {name}")
     try:
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _number(value: Any, hint: Any, what: str) -> Any:
+    """``value`` as the int/float that ``hint`` asks for (``5e-4`` is text to YAML 1.1); other hints pass."""
+    options = set(typing.get_args(hint)) if typing.get_origin(hint) in (typing.Union, types.UnionType) else {hint}
+    if value is None and type(None) in options:
+        return value
+    wanted = float if float in options else int if int in options else None
+    if wanted is None or isinstance(value, bool) and wanted is not bool:
+        if wanted is not None:
+            raise ConfigError(f"{what} must be a number, got {value!r}")
+        return value
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ConfigError(f"{what} must be a number, got {value!r}") from None
+    if not isinstance(value, (int, float)):
+        raise ConfigError(f"{what} must be a number, got {value!r}")
+    if wanted is int:
+        if float(value) != int(value):
+            raise ConfigError(f"{what} must be a whole number, got {value!r}")
+        return int(value)
+    return float(value)
 
 
 def _dataclass_in(hint: Any) -> type | None:

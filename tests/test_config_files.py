@@ -29,6 +29,21 @@ def test_from_mapping_builds_nested_configs_and_rejects_typos():
         SignalConfig(hop_length=0)
 
 
+def test_from_mapping_reads_numbers_yaml_leaves_as_text():
+    from marsctl.rl.trainer import RLConfig
+
+    # YAML 1.1 reads 5e-4 (no dot) as a string; a recipe with it must still work
+    config = from_mapping(RLConfig, {"learning_rate": "5e-4", "max_steps": 10.0, "kappa": 30, "rewards": {"weights": {"si_sdr": 1}}})
+    assert (config.learning_rate, config.max_steps, config.kappa, config.rewards.weights.si_sdr) == (5e-4, 10, 30.0, 1.0)
+    assert isinstance(config.max_steps, int) and isinstance(config.kappa, float)
+    with pytest.raises(ConfigError, match=r"r\.yaml: learning_rate must be a number, got 'fast'"):
+        from_mapping(RLConfig, {"learning_rate": "fast"}, "r.yaml")
+    with pytest.raises(ConfigError, match="max_steps must be a whole number"):
+        from_mapping(RLConfig, {"max_steps": 2.5}, "r.yaml")
+    with pytest.raises(ConfigError, match="group_size must be a number"):
+        from_mapping(RLConfig, {"group_size": True}, "r.yaml")
+
+
 def test_signal_config_defaults_are_the_design_conventions():
     cfg = SignalConfig()
     assert (cfg.sample_rate, cfg.segment_samples, cfg.n_fft, cfg.hop_length, cfg.n_log_bins) == (16000, 65535, 1024, 256, 256)

@@ -177,7 +177,7 @@ def test_music_json_source_list_expands_videos_into_clips_with_stable_splits(tmp
     from marsctl.data.fetch import plan
 
     source_list = tmp_path / "MUSIC_solo_videos.json"
-    videos = {f"acoustic_guitar": [f"g{i:03d}" for i in range(30)], "cello": [f"c{i:03d}" for i in range(30)],
+    videos = {"acoustic_guitar": [f"g{i:03d}" for i in range(30)], "cello": [f"c{i:03d}" for i in range(30)],
               "kazoo": ["k000"], "violin": "not-a-list", "tuba": ["../x", 5]}
     source_list.write_text(json.dumps({"videos": videos}))
     recipe = recipe_from_mapping({

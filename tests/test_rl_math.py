@@ -9,7 +9,7 @@ import torch
 
 from marsctl.models.policy import BetaMaskPolicy
 from marsctl.rl.advantages import MovingAverageBaseline, group_relative_advantages
-from marsctl.rl.losses import bin_averaged_ratio, clipped_surrogate, policy_loss
+from marsctl.rl.losses import bin_averaged_ratio, clipped_surrogate, per_bin_clipped_surrogate, policy_loss
 
 
 def test_group_normalization_by_hand():
@@ -69,6 +69,43 @@ def test_surrogate_averages_over_samples():
     value.backward()
     assert value.item() == pytest.approx((-1.1 - 1.2 + 0.8 + 1.5) / 4, abs=1e-6)
     assert torch.allclose(r.grad, torch.tensor([-1.0, 0.0, 0.0, 1.0]) / 4)
+
+
+def test_per_bin_surrogate_clips_each_bin_by_hand():
+    """Per-bin ratios (2, 1, 0.5, 0.5) of one sample: their mean is exactly 1 (nothing clipped for
+    bin_mean) while per_bin clips three of the four bins."""
+    rho = torch.tensor([[[[2.0, 1.0], [0.5, 0.5]]]], requires_grad=True)  # [G=1, B=1, F=2, T=2]
+    positive = per_bin_clipped_surrogate(rho, torch.tensor([[1.0]]), clip_eps=0.2)
+    # A = +1: min(rho, clip(rho)) = (1.2, 1, 0.5, 0.5); gradient -1/4 where the unclipped term is kept
+    assert positive.item() == pytest.approx(-(1.2 + 1.0 + 0.5 + 0.5) / 4)
+    (grad,) = torch.autograd.grad(positive, rho)
+    assert torch.allclose(grad, torch.tensor([[[[0.0, -1.0], [-1.0, -1.0]]]]) / 4)
+    negative = per_bin_clipped_surrogate(rho, torch.tensor([[-2.0]]), clip_eps=0.2)
+    # A = -2: min(-2 rho, -2 clip(rho)) = (-4, -2, -1.6, -1.6); the 0.5-bins are clipped (no gradient)
+    assert negative.item() == pytest.approx((4.0 + 2.0 + 1.6 + 1.6) / 4)
+    (grad,) = torch.autograd.grad(negative, rho)
+    assert torch.allclose(grad, torch.tensor([[[[2.0, 2.0], [0.0, 0.0]]]]) / 4)
+    assert clipped_surrogate(rho.mean(dim=(-2, -1)), torch.tensor([[1.0]]), 0.2).item() == pytest.approx(-1.0)
+
+
+def test_per_bin_and_bin_mean_agree_at_sampling_time_and_differ_after():
+    torch.manual_seed(1)
+    old_p = torch.rand(2, 8, 6) * 0.8 + 0.1
+    old = BetaMaskPolicy(old_p, 9.0)
+    masks, adv = old.sample(4), torch.randn(4, 2)
+    same = old_p.clone().requires_grad_(True)
+    grads = {}
+    for surrogate in ("bin_mean", "per_bin"):
+        out = policy_loss(BetaMaskPolicy(same, 9.0), old, None, masks, adv, entropy_coef=0.0, kl_coef=0.0, surrogate=surrogate)
+        grads[surrogate] = torch.autograd.grad(out.loss, same)[0]
+        assert out.stats["clip_fraction"] == 0.0
+    assert torch.allclose(grads["bin_mean"], grads["per_bin"], atol=1e-6)
+    moved = BetaMaskPolicy((old_p + 0.3 * torch.randn_like(old_p)).clamp(0.02, 0.98), 9.0)
+    stats = {s: policy_loss(moved, old, None, masks, adv, entropy_coef=0.0, kl_coef=0.0, surrogate=s).stats for s in ("bin_mean", "per_bin")}
+    assert stats["per_bin"]["clip_fraction"] > 0.3  # most bins moved beyond 1 +- 0.2
+    assert stats["per_bin"]["loss"] != pytest.approx(stats["bin_mean"]["loss"])
+    with pytest.raises(ValueError, match="surrogate"):
+        policy_loss(moved, old, None, masks, adv, surrogate="joint")
 
 
 def test_bin_averaged_ratio_by_hand():
@@ -141,3 +178,61 @@ def test_entropy_bonus_and_kl_penalty_push_the_right_way():
     ref = BetaMaskPolicy(torch.tensor([[[0.99]]]))
     policy_loss(policy, policy.detach(), ref, masks, zero_adv, entropy_coef=0.0, kl_coef=1.0).loss.backward()
     assert probs.grad.item() < 0  # descent raises P toward the reference's 0.99
+
+
+def test_segment_advantages_credit_each_frame_with_its_segment():
+    """Advantages [G, B, K]: per_bin weighs frame t's bins by A_{k(t)}; bin_mean clips per-segment
+    mean ratios. K = 1 is the whole-clip loss."""
+    from marsctl.rl.losses import per_bin_clipped_surrogate
+
+    torch.manual_seed(2)
+    old_p = torch.rand(2, 3, 8) * 0.8 + 0.1  # [B=2, F=3, T=8 frames]
+    old = BetaMaskPolicy(old_p, 9.0)
+    masks = old.sample(4)
+    new = BetaMaskPolicy((old_p + 0.2 * torch.randn_like(old_p)).clamp(0.05, 0.95), 9.0)
+    rho = torch.exp(new.log_prob(masks) - old.log_prob(masks))
+    adv = torch.randn(4, 2, 2)  # K = 2: frames 0-3 and 4-7
+    per_frame = torch.cat([adv[..., :1].expand(4, 2, 4), adv[..., 1:].expand(4, 2, 4)], dim=-1).unsqueeze(-2)
+    out = policy_loss(new, old, None, masks, adv, entropy_coef=0.0, kl_coef=0.0, surrogate="per_bin")
+    assert out.stats["surrogate"] == pytest.approx(per_bin_clipped_surrogate(rho, per_frame, 0.2).item(), rel=1e-5)
+    out = policy_loss(new, old, None, masks, adv, entropy_coef=0.0, kl_coef=0.0, surrogate="bin_mean")
+    seg_ratio = torch.stack([rho[..., :4].mean(dim=(-2, -1)), rho[..., 4:].mean(dim=(-2, -1))], dim=-1)
+    assert out.stats["surrogate"] == pytest.approx(clipped_surrogate(seg_ratio, adv, 0.2).item(), rel=1e-5)
+    one = policy_loss(new, old, None, masks, adv[..., :1], entropy_coef=0.0, kl_coef=0.0)
+    whole = policy_loss(new, old, None, masks, adv[..., 0], entropy_coef=0.0, kl_coef=0.0)
+    assert one.stats["surrogate"] == pytest.approx(whole.stats["surrogate"], rel=1e-6)
+    # group normalization runs per (mixture, segment)
+    norm = group_relative_advantages(torch.randn(4, 2, 2) * 5 + 3)
+    assert torch.allclose(norm.mean(0), torch.zeros(2, 2), atol=1e-5) and torch.allclose(norm.std(0), torch.ones(2, 2), atol=1e-3)
+
+
+def test_rsample_is_a_differentiable_draw_from_the_policy():
+    torch.manual_seed(0)
+    probs = torch.tensor([0.1, 0.5, 0.9], requires_grad=True)
+    policy = BetaMaskPolicy(probs, kappa=9.0)
+    draws = policy.rsample(20000)
+    assert draws.shape == (20000, 3) and bool(((draws > 0) & (draws < 1)).all())
+    assert torch.allclose(draws.mean(0), policy.mean.detach(), atol=0.01)  # (1 + kappa P) / (2 + kappa)
+    draws.sum().backward()
+    assert probs.grad is not None and bool((probs.grad > 0).all())  # a larger P moves every draw up
+
+
+def test_pathwise_loss_value_and_gradient_match_the_expected_reward():
+    """R(M) = -(M - c)^2 per bin: E[R] = -(Var + (mean - c)^2) in closed form. The pathwise loss
+    -mean R over many reparameterized draws matches it, and so does its gradient in P."""
+    from marsctl.rl.losses import pathwise_loss
+
+    torch.manual_seed(0)
+    c = torch.tensor([0.2, 0.7, 0.95])
+    probs = torch.tensor([0.3, 0.5, 0.8], requires_grad=True)
+    policy = BetaMaskPolicy(probs, kappa=9.0)
+    reference = BetaMaskPolicy(torch.tensor([0.4, 0.5, 0.6]), kappa=9.0)
+    rewards = -(policy.rsample(200000) - c).square()  # [G, 3]: the bins play the role of B here
+    out = pathwise_loss(policy, reference, rewards, entropy_coef=0.1, kl_coef=0.01)
+    expected_reward = -(policy.variance + (policy.mean - c).square())
+    expected = -expected_reward.mean() - 0.1 * policy.entropy().mean() + 0.01 * policy.kl_divergence(reference).mean()
+    assert float(out.loss.detach()) == pytest.approx(float(expected.detach()), abs=2e-4)
+    (grad,) = torch.autograd.grad(out.loss, probs, retain_graph=True)
+    (expected_grad,) = torch.autograd.grad(expected, probs)
+    assert torch.allclose(grad, expected_grad, atol=2e-3), (grad, expected_grad)
+    assert out.stats["clip_fraction"] == 0.0 and out.stats["surrogate"] == pytest.approx(-float(rewards.mean()))

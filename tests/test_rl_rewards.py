@@ -145,3 +145,93 @@ def test_all_pass_and_noise_score_below_the_true_target(sources):
     assert terms["energy_guard"][2] < -0.1 and terms["energy_guard"][3] < -0.1  # noise adds energy the mixture lacks
     assert terms["energy_guard"][1].item() == pytest.approx(0.0, abs=1e-4)  # all-pass is consistent ...
     assert terms["si_sdr"][1] < terms["si_sdr"][0] - 0.5  # ... but far from the target
+
+
+class _CountingEncoder(LabelTestEncoder):
+    """The test encoder, counting its audio passes (to check when the reward encoder runs)."""
+
+    def __init__(self):
+        super().__init__(embedding_dim=16)
+        self.audio_calls = 0
+
+    def embed_audio(self, waveforms, sample_rate):
+        self.audio_calls += 1
+        return super().embed_audio(waveforms, sample_rate)
+
+
+def test_reward_model_computes_weighted_terms_and_logs_the_rest_on_request(sources):
+    from marsctl.rl.trainer import RewardModel
+
+    target, other = sources
+    mixture = (target + other)[None]
+    estimates = torch.stack([target, other, mixture[0]])[:, None]  # [G=3, B=1, T]
+    signal_only = RewardConfig(weights=RewardWeights(semantic_anchor=0.0, si_sdr=1.0, energy_guard=1.0))
+    encoder = _CountingEncoder()
+    model = RewardModel(encoder, reward_functions(signal_only), SIGNAL, same_space_as_queries=False)
+    total, terms, source = model.score(estimates, mixture, ["low hum"], targets=target[None])
+    # training step: only the weighted terms, and no reward-encoder pass (no weighted term reads it)
+    assert set(terms) == {"si_sdr", "energy_guard"} and encoder.audio_calls == 0 and source is None
+    assert torch.allclose(total, terms["si_sdr"] + terms["energy_guard"])
+    assert total[0, 0] > total[1, 0] and total[0, 0] > total[2, 0]  # the target beats the other source and the mixture
+    total_all, terms_all, _ = model.score(estimates, mixture, ["low hum"], targets=target[None], all_terms=True)
+    assert set(terms_all) == {"semantic_anchor", "query_similarity", "si_sdr", "energy_guard"} and encoder.audio_calls == 1
+    assert torch.allclose(total_all, total)  # weight-0 terms are logged, not added
+    # without a known target the SI-SDR term is skipped
+    _, unlabeled, _ = model.score(estimates, mixture, ["low hum"], all_terms=True)
+    assert "si_sdr" not in unlabeled and "semantic_anchor" in unlabeled
+
+
+def test_segment_rewards_score_where_the_error_is(sources):
+    """K = 4 segments: an estimate spoiled only in its last quarter loses SI-SDR and energy-guard
+    reward there only; whole-clip terms are broadcast; K = 1 is the clip's SI-SDR."""
+    from marsctl.metrics.separation import segmental_si_sdr, si_sdr
+
+    target, other = sources
+    mixture = target + other
+    spoiled = target.clone()
+    quarter = len(target) // 4
+    spoiled[-quarter:] += 2.0 * other[-quarter:]  # louder than the mixture there: excess energy too
+    estimates = torch.stack([target + 0.01 * other, spoiled])
+    assert torch.allclose(segmental_si_sdr(target, estimates, 1)[..., 0], si_sdr(target, estimates))
+    encoder = _audio_anchor_encoder()
+    anchors, _ = anchor_embeddings(encoder, target[None], ["low hum"], SR)
+    batch = RewardBatch(estimates, mixture[None], SIGNAL, estimate_embeddings=encoder.embed_audio(estimates, SR), anchors=anchors,
+                        queries=encoder.embed_text(["low hum"]), targets=target[None], segments=4)
+    total, terms = compute_rewards(reward_functions(RewardConfig(segments=4)), batch)
+    assert total.shape == (2, 4) and all(v.shape == (2, 4) for v in terms.values())
+    sdr = terms["si_sdr"]
+    assert (sdr[1, :3] > sdr[1, 3] + 0.3).all()  # the spoiled segment scores far below the clean ones
+    guard = -terms["energy_guard"][1]  # the frames next to the boundary (window 1024) see a little of it
+    assert guard[:2].max() < 2e-3 and guard[3] > 5 * guard[2], guard
+    assert torch.equal(terms["semantic_anchor"][:, 0], terms["semantic_anchor"][:, 3])  # broadcast
+    with pytest.raises(ConfigError, match="segments"):
+        RewardConfig(segments=0)
+
+
+def test_differentiable_scoring_keeps_the_graph_and_names_a_term_without_one(sources):
+    """The pathwise estimator scores with gradients: si_sdr and energy_guard carry them back to the
+    estimates; a weighted term computed without gradients (an encoder's embedding) is named."""
+    from marsctl.errors import MarsctlError
+    from marsctl.rl.trainer import RewardModel
+
+    target, other = sources
+    mixture = (target + other)[None]
+    estimates = (0.7 * mixture + 0.3 * target[None])[None].clone().requires_grad_(True)  # [G=1, B=1, T]
+    signal_only = RewardConfig(weights=RewardWeights(semantic_anchor=0.0, si_sdr=1.0, energy_guard=1.0))
+    model = RewardModel(_CountingEncoder(), reward_functions(signal_only), SIGNAL, same_space_as_queries=False)
+    total, _, _ = model.score(estimates, mixture, ["low hum"], targets=target[None], differentiable=True)
+    (grad,) = torch.autograd.grad(total.sum(), estimates)
+    assert grad.abs().sum() > 0
+    # moving the estimate along the gradient raises the reward
+    stepped, _, _ = model.score((estimates + 1e-3 * grad / grad.norm()).detach(), mixture, ["low hum"], targets=target[None])
+    assert float(stepped.sum()) > float(total.sum())
+    semantic = RewardConfig(weights=RewardWeights(semantic_anchor=1.0, si_sdr=1.0))
+
+    class NoGradEncoder(_CountingEncoder):
+        def embed_audio(self, waveforms, sample_rate):
+            with torch.no_grad():
+                return super().embed_audio(waveforms, sample_rate)
+
+    model = RewardModel(NoGradEncoder(), reward_functions(semantic), SIGNAL, same_space_as_queries=False)
+    with pytest.raises(MarsctlError, match="'semantic_anchor' is not differentiable"):
+        model.score(estimates, mixture, ["low hum"], targets=target[None], differentiable=True)

@@ -76,7 +76,9 @@ def test_short_rl_run_raises_reward_without_collapsing_entropy(tone_data, superv
     assert len(train) == 25
     # the Beta entropy per bin did not collapse
     assert train[-1]["entropy"] > train[0]["entropy"] - 0.1
-    for key in ("reward_std", "reward/semantic_anchor", "reward/query_similarity", "reward/si_sdr", "reward/energy_guard",
+    # weight-0 terms (query_similarity) are computed for validation only
+    assert "val_reward/query_similarity" in val[-1] and not any("reward/query_similarity" in h for h in train)
+    for key in ("reward_std", "reward/semantic_anchor", "reward/si_sdr", "reward/energy_guard",
                 "advantage_mean", "advantage_std", "clip_fraction", "approx_kl_old", "kl_ref", "ratio_min", "ratio_max",
                 "step_time_s", "reward_time_share", "grad_norm", "lr"):
         assert all(key in h for h in train), key
@@ -93,6 +95,26 @@ def test_short_rl_run_raises_reward_without_collapsing_entropy(tone_data, superv
     assert len((tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()) == 26  # step 0 (validation) + 25 steps
 
 
+
+def test_pathwise_rl_run_raises_reward_and_si_sdri(tone_data, supervised, tmp_path):
+    """estimator 'pathwise' (masks drawn with Beta.rsample, gradient through the reward): 15 real
+    steps raise the validation reward and SI-SDRi (a term without a gradient is refused: test_rl_rewards.py)."""
+    from marsctl.rl.rewards import RewardConfig, RewardWeights
+
+    query_encoder, reward_encoder = make_test_encoders()
+    signal_only = RewardConfig(weights=RewardWeights(semantic_anchor=0.0, si_sdr=1.0, energy_guard=1.0))
+    config = rl_config(tone_data, supervised, max_steps=15, batch_size=8, group_size=4, learning_rate=3e-4, entropy_coef=0.0,
+                       estimator="pathwise", rewards=signal_only, val_every=15, checkpoint_every=15)
+    result = train_rl(config, tmp_path / "rl", encoder=query_encoder, reward_encoder=reward_encoder, device="cpu", progress=False)
+    val = [h for h in result.history if "val_reward" in h]
+    assert [h["step"] for h in val] == [0, 15]
+    assert val[-1]["val_reward"] > val[0]["val_reward"] + 0.01, [h["val_reward"] for h in val]
+    assert val[-1]["val_si_sdri"] > val[0]["val_si_sdri"], [h["val_si_sdri"] for h in val]
+    train = [h for h in result.history if "reward_mean" in h]
+    assert len(train) == 15 and all(h["clip_fraction"] == 0.0 for h in train) and train[-1]["kl_ref"] > 0
+    with pytest.raises(ConfigError, match="estimator"):
+        load_rl_config(None, {"estimator": "reinforce"})
+
 def test_fallback_to_query_anchor_is_logged(tone_data, supervised, tmp_path):
     query_encoder, _ = make_test_encoders()
     messages = []
@@ -100,9 +122,10 @@ def test_fallback_to_query_anchor_is_logged(tone_data, supervised, tmp_path):
     result = train_rl(config, tmp_path / "rl", encoder=query_encoder, device="cpu", progress=False, log=messages.append)
     assert any("no anchor module" in m for m in messages)
     assert "query (no anchor module)" in (tmp_path / "rl" / "README.md").read_text()
-    # reward encoder = query encoder: the anchor is the query, so both cosines agree
-    record = [h for h in result.history if "reward_mean" in h][-1]
-    assert record["reward/semantic_anchor"] == pytest.approx(record["reward/query_similarity"], abs=1e-6)
+    # reward encoder = query encoder: the anchor is the query, so both cosines agree (validation
+    # computes every term; training steps only the weighted ones)
+    record = [h for h in result.history if "val_reward/query_similarity" in h][-1]
+    assert record["val_reward/semantic_anchor"] == pytest.approx(record["val_reward/query_similarity"], abs=1e-6)
 
 
 def _run_worker(*args, env, check=True):

@@ -9,23 +9,24 @@ import typer
 
 from marsctl.cli.common import console, user_errors
 from marsctl.cli.hub import PUSH_TO_OPTION, REUSE_OPTION
+from marsctl.cli.launch import (
+    DEVICE_OPTION,
+    GPUS_OPTION,
+    MASTER_ADDR_OPTION,
+    MASTER_PORT_OPTION,
+    NNODES_OPTION,
+    NODE_RANK_OPTION,
+    NUM_WORKERS_OPTION,
+    PROCS_OPTION,
+    Launch,
+    resolve_spec,
+)
 
 train_app = typer.Typer(
     help="Train separators: 'sup' (supervised, the RL starting point), then 'rl' (MARS-Sep RL fine-tuning).",
     no_args_is_help=True,
     rich_markup_mode="rich",
 )
-
-
-def _resolve(spec: str, repo_type: str) -> str:
-    """A local path as is; a Hub id through marsctl.hub when that layer is installed."""
-    if Path(spec).expanduser().exists():
-        return str(Path(spec).expanduser())
-    try:
-        from marsctl.hub import resolve_artifact
-    except ImportError:
-        return spec
-    return str(resolve_artifact(spec, repo_type))
 
 
 @train_app.command("sup")
@@ -38,15 +39,15 @@ def sup(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Mixtures per step and process."),
     learning_rate: Optional[float] = typer.Option(None, "--lr", help="Peak AdamW learning rate (after warmup)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for mixing, query weights and initialisation."),
-    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="DataLoader worker processes per training process."),
-    device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available)."),
+    num_workers: Optional[int] = NUM_WORKERS_OPTION,
+    device: Optional[str] = DEVICE_OPTION,
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the latest checkpoint in --out (default), or start over (--no-resume deletes the old checkpoints)."),
-    gpus: int = typer.Option(1, "--gpus", min=1, help="GPUs on this node: >1 re-launches the command under torchrun with DDP (NCCL)."),
-    procs: int = typer.Option(1, "--procs", min=1, help="CPU processes: >1 re-launches under torchrun with DDP over gloo (for testing the distributed path)."),
-    nnodes: int = typer.Option(1, "--nnodes", min=1, help="Nodes in a multi-node run (run the same command on each node)."),
-    node_rank: int = typer.Option(0, "--node-rank", min=0, help="This node's index in a multi-node run."),
-    master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="Address of node 0 in a multi-node run."),
-    master_port: int = typer.Option(29500, "--master-port", help="Port on node 0 in a multi-node run."),
+    gpus: int = GPUS_OPTION,
+    procs: int = PROCS_OPTION,
+    nnodes: int = NNODES_OPTION,
+    node_rank: int = NODE_RANK_OPTION,
+    master_addr: str = MASTER_ADDR_OPTION,
+    master_port: int = MASTER_PORT_OPTION,
     push_to: Optional[str] = PUSH_TO_OPTION,
     reuse: bool = REUSE_OPTION,
 ) -> None:
@@ -57,36 +58,26 @@ def sup(
     Re-running the same command after an interruption resumes from the last checkpoint.
     The run directory is itself a model: pass it to 'marsctl separate --model' or 'marsctl eval --model'.
     """
-    from marsctl.train.distributed import relaunch, under_torchrun
+    from marsctl.train.distributed import under_torchrun
     from marsctl.train.supervised import load_supervised_config, train_supervised
 
+    launch = Launch(gpus, procs, nnodes, node_rank, master_addr, master_port)
     with user_errors():
-        processes = max(gpus, procs)
-        if processes > 1 and gpus > 1 and procs > 1:
-            raise typer.BadParameter("give --gpus or --procs, not both")
-        if (processes > 1 or nnodes > 1) and not under_torchrun():
-            child = ["train", "sup", "--out", str(out)]
-            for flag, value in (("--data", data), ("--recipe", recipe), ("--encoder", encoder), ("--max-steps", max_steps),
-                                ("--batch-size", batch_size), ("--lr", learning_rate), ("--seed", seed),
-                                ("--num-workers", num_workers), ("--device", device or ("cuda" if gpus > 1 else "cpu" if procs > 1 else None))):
-                if value is not None:
-                    child += [flag, str(value)]
-            child.append("--resume" if resume else "--no-resume")
-
-            def _launch() -> None:
-                console.print(f"launching {processes} process(es) per node x {nnodes} node(s) under torchrun")
-                code = relaunch(child, processes, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port)
-                if code:
-                    raise typer.Exit(code)
-
+        if launch.relaunch_needed():
+            child = launch.child_command(
+                ["train", "sup", "--out", str(out)],
+                [("--data", data), ("--recipe", recipe), ("--encoder", encoder), ("--max-steps", max_steps), ("--batch-size", batch_size),
+                 ("--lr", learning_rate), ("--seed", seed), ("--num-workers", num_workers)],
+                device, resume,
+            )
             if node_rank == 0:  # --reuse / --push-to / provenance.json: once, from the launching process of node 0
-                _sup_stage(data, recipe, encoder, max_steps, batch_size, learning_rate, seed, out, _launch, push_to, reuse,
-                           world_size=processes * nnodes)
+                _sup_stage(data, recipe, encoder, max_steps, batch_size, learning_rate, seed, out, lambda: launch.run(child), push_to, reuse,
+                           world_size=launch.world_size)
             else:
-                _launch()
+                launch.run(child)
             return
         overrides = {
-            "data": _resolve(data, "dataset") if data else None,
+            "data": resolve_spec(data, "dataset") if data else None,
             "encoder": encoder,
             "max_steps": max_steps,
             "batch_size": batch_size,
@@ -120,7 +111,7 @@ def _sup_stage(data, recipe, encoder, max_steps, batch_size, learning_rate, seed
     from marsctl.hub import optional_artifact, run_stage
     from marsctl.train.supervised import load_supervised_config
 
-    overrides = {"data": _resolve(data, "dataset") if data else None, "encoder": encoder, "max_steps": max_steps,
+    overrides = {"data": resolve_spec(data, "dataset") if data else None, "encoder": encoder, "max_steps": max_steps,
                  "batch_size": batch_size, "learning_rate": learning_rate, "seed": seed}
     config = load_supervised_config(recipe, overrides)
     encoder_dir = optional_artifact(config.encoder, "model")

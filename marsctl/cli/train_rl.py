@@ -9,17 +9,18 @@ import typer
 
 from marsctl.cli.common import console, user_errors
 from marsctl.cli.hub import PUSH_TO_OPTION, REUSE_OPTION
-
-
-def _resolve(spec: str, repo_type: str) -> str:
-    """A local path as is; a Hub id through marsctl.hub when that layer is installed."""
-    if Path(spec).expanduser().exists():
-        return str(Path(spec).expanduser())
-    try:
-        from marsctl.hub import resolve_artifact
-    except ImportError:
-        return spec
-    return str(resolve_artifact(spec, repo_type))
+from marsctl.cli.launch import (
+    DEVICE_OPTION,
+    GPUS_OPTION,
+    MASTER_ADDR_OPTION,
+    MASTER_PORT_OPTION,
+    NNODES_OPTION,
+    NODE_RANK_OPTION,
+    NUM_WORKERS_OPTION,
+    PROCS_OPTION,
+    Launch,
+    resolve_spec,
+)
 
 
 def rl(
@@ -36,15 +37,15 @@ def rl(
     learning_rate: Optional[float] = typer.Option(None, "--lr", help="Peak AdamW learning rate (default 2e-4)."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="'group' (advantages centred on the group mean) or 'moving_average' (the paper's beta = 0.92 baseline)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for mixing, targets and mask sampling."),
-    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="DataLoader worker processes per training process."),
-    device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available)."),
+    num_workers: Optional[int] = NUM_WORKERS_OPTION,
+    device: Optional[str] = DEVICE_OPTION,
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the latest checkpoint in --out (default) or start over."),
-    gpus: int = typer.Option(1, "--gpus", min=1, help="GPUs on this node: >1 re-launches the command under torchrun with DDP (NCCL)."),
-    procs: int = typer.Option(1, "--procs", min=1, help="CPU processes: >1 re-launches under torchrun with DDP over gloo."),
-    nnodes: int = typer.Option(1, "--nnodes", min=1, help="Nodes in a multi-node run (run the same command on each node)."),
-    node_rank: int = typer.Option(0, "--node-rank", min=0, help="This node's index in a multi-node run."),
-    master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="Address of node 0 in a multi-node run."),
-    master_port: int = typer.Option(29500, "--master-port", help="Port on node 0 in a multi-node run."),
+    gpus: int = GPUS_OPTION,
+    procs: int = PROCS_OPTION,
+    nnodes: int = NNODES_OPTION,
+    node_rank: int = NODE_RANK_OPTION,
+    master_addr: str = MASTER_ADDR_OPTION,
+    master_port: int = MASTER_PORT_OPTION,
     push_to: Optional[str] = PUSH_TO_OPTION,
     reuse: bool = REUSE_OPTION,
 ) -> None:
@@ -54,7 +55,8 @@ def rl(
     scored by the frozen reward encoder (semantic anchor similarity, query similarity, SI-SDR
     against the known target, an energy guard against reward hacking; weights in the recipe),
     and the policy is updated with a clipped surrogate, an entropy bonus and a KL penalty to
-    the starting model.
+    the starting model. The recipe's 'estimator: pathwise' instead differentiates the rewards
+    through reparameterized masks (recipes/train/rl-soundfont-small.yaml; see BENCHMARKS.md).
 
     Example: [bold]marsctl train rl --init-model runs/sup --reward-encoder runs/align --data data/soundfont --out runs/rl[/]
 
@@ -62,41 +64,31 @@ def rl(
     The run directory is itself a model for 'marsctl separate --model' and 'marsctl eval --model'.
     """
     from marsctl.rl.trainer import load_rl_config, train_rl
-    from marsctl.train.distributed import relaunch, under_torchrun
+    from marsctl.train.distributed import under_torchrun
 
+    launch = Launch(gpus, procs, nnodes, node_rank, master_addr, master_port)
     with user_errors():
-        processes = max(gpus, procs)
-        if gpus > 1 and procs > 1:
-            raise typer.BadParameter("give --gpus or --procs, not both")
-        if (processes > 1 or nnodes > 1) and not under_torchrun():
-            child = ["train", "rl", "--out", str(out)]
-            for flag, value in (("--init-model", init_model), ("--data", data), ("--recipe", recipe), ("--reward-encoder", reward_encoder),
-                                ("--encoder", encoder), ("--group-size", group_size), ("--ppo-epochs", ppo_epochs),
-                                ("--max-steps", max_steps), ("--batch-size", batch_size), ("--lr", learning_rate),
-                                ("--baseline", baseline), ("--seed", seed), ("--num-workers", num_workers),
-                                ("--device", device or ("cuda" if gpus > 1 else "cpu" if procs > 1 else None))):
-                if value is not None:
-                    child += [flag, str(value)]
-            child.append("--resume" if resume else "--no-resume")
-
-            def _launch() -> None:
-                console.print(f"launching {processes} process(es) per node x {nnodes} node(s) under torchrun")
-                code = relaunch(child, processes, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port)
-                if code:
-                    raise typer.Exit(code)
-
+        if launch.relaunch_needed():
+            child = launch.child_command(
+                ["train", "rl", "--out", str(out)],
+                [("--init-model", init_model), ("--data", data), ("--recipe", recipe), ("--reward-encoder", reward_encoder),
+                 ("--encoder", encoder), ("--group-size", group_size), ("--ppo-epochs", ppo_epochs), ("--max-steps", max_steps),
+                 ("--batch-size", batch_size), ("--lr", learning_rate), ("--baseline", baseline), ("--seed", seed),
+                 ("--num-workers", num_workers)],
+                device, resume,
+            )
             if node_rank == 0:  # --reuse / --push-to / provenance.json: once, from the launching process of node 0
-                _rl_stage(recipe, out, _launch, push_to, reuse, init_model=init_model, data=data,
+                _rl_stage(recipe, out, lambda: launch.run(child), push_to, reuse, init_model=init_model, data=data,
                           reward_encoder=reward_encoder, encoder=encoder, group_size=group_size, ppo_epochs=ppo_epochs,
                           max_steps=max_steps, batch_size=batch_size, learning_rate=learning_rate, baseline=baseline,
-                          seed=seed, world_size=processes * nnodes)
+                          seed=seed, world_size=launch.world_size)
             else:
-                _launch()
+                launch.run(child)
             return
         overrides = {
-            "init_model": _resolve(init_model, "model") if init_model else None,
-            "data": _resolve(data, "dataset") if data else None,
-            "reward_encoder": _resolve(reward_encoder, "model") if reward_encoder else None,
+            "init_model": resolve_spec(init_model, "model") if init_model else None,
+            "data": resolve_spec(data, "dataset") if data else None,
+            "reward_encoder": resolve_spec(reward_encoder, "model") if reward_encoder else None,
             "encoder": encoder,
             "group_size": group_size,
             "ppo_epochs": ppo_epochs,
@@ -137,7 +129,7 @@ def _rl_stage(recipe, out, run, push_to, reuse, *, world_size: int, **overrides)
 
     for key, repo_type in (("init_model", "model"), ("data", "dataset"), ("reward_encoder", "model")):
         if overrides.get(key):
-            overrides[key] = _resolve(overrides[key], repo_type)
+            overrides[key] = resolve_spec(overrides[key], repo_type)
     config = load_rl_config(recipe, overrides)
     inputs = {
         "init_model": optional_artifact(config.init_model, "model"),

@@ -145,16 +145,45 @@ def bss_eval_sources(references: torch.Tensor, estimates: torch.Tensor, filter_l
     return BssEvalReferences(references, filter_length).score(estimates)
 
 
-def si_sdr(references: torch.Tensor, estimates: torch.Tensor) -> torch.Tensor:
-    """Scale-invariant SDR in dB along the last axis (Le Roux et al. 2019), zero-mean, float64."""
+def _scaled_target_and_noise(references: torch.Tensor, estimates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SI-SDR's decomposition (zero-mean, float64): ``alpha s`` (the estimate's projection on the
+    reference) and the rest ``y - alpha s``."""
     ref = _as_float64(references)
     est = _as_float64(estimates)
     ref = ref - ref.mean(dim=-1, keepdim=True)
     est = est - est.mean(dim=-1, keepdim=True)
     scale = (est * ref).sum(-1, keepdim=True) / (ref * ref).sum(-1, keepdim=True)
     target = scale * ref
-    noise = est - target
+    return target, est - target
+
+
+def si_sdr(references: torch.Tensor, estimates: torch.Tensor) -> torch.Tensor:
+    """Scale-invariant SDR in dB along the last axis (Le Roux et al. 2019), zero-mean, float64."""
+    target, noise = _scaled_target_and_noise(references, estimates)
     return 10 * torch.log10((target * target).sum(-1) / (noise * noise).sum(-1))
+
+
+def segment_index(length: int, segments: int, device=None) -> torch.Tensor:
+    """Which of ``segments`` equal consecutive segments each of ``length`` positions (samples or
+    STFT frames) falls in: ``floor(i * segments / length)``."""
+    return torch.arange(length, device=device) * segments // length
+
+
+def segment_sums(values: torch.Tensor, segments: int) -> torch.Tensor:
+    """Sums of ``values`` ``[..., L]`` over ``segments`` consecutive segments of the last axis -> ``[..., segments]``."""
+    index = segment_index(values.shape[-1], segments, values.device)
+    return values.new_zeros(*values.shape[:-1], segments).index_add_(-1, index, values)
+
+
+def segmental_si_sdr(references: torch.Tensor, estimates: torch.Tensor, segments: int) -> torch.Tensor:
+    """SI-SDR with the error split over ``segments`` consecutive time segments -> ``[..., segments]`` dB.
+
+    The scaled target ``alpha s`` is the whole signal's (as in :func:`si_sdr`); segment k scores
+    ``10 log10((||alpha s||^2 / K) / ||alpha s - y||^2_k)``: its share of the target energy against
+    its own error, so silent-target segments are defined too. ``segments = 1`` is :func:`si_sdr`.
+    """
+    target, noise = _scaled_target_and_noise(references, estimates)
+    return 10 * torch.log10((target * target).sum(-1, keepdim=True) / segments / segment_sums(noise * noise, segments))
 
 
 def si_sdr_improvement(references: torch.Tensor, estimates: torch.Tensor, mixtures: torch.Tensor) -> torch.Tensor:

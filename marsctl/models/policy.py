@@ -115,6 +115,13 @@ class BetaMaskPolicy:
         size = torch.Size() if num_samples is None else torch.Size([num_samples])
         return dist.sample(size).clamp(0.0, 1.0)
 
+    def rsample(self, num_samples: int) -> torch.Tensor:
+        """Draw ``[num_samples, *shape]`` masks *with* a gradient to ``probs`` (the reparameterized,
+        or pathwise, sample of :meth:`torch.distributions.Beta.rsample`: implicit gradients
+        through the Gamma sampler). Kept inside ``[MASK_EPS, 1 - MASK_EPS]``."""
+        dist = torch.distributions.Beta(self.alpha, self.beta)
+        return dist.rsample(torch.Size([num_samples])).clamp(MASK_EPS, 1.0 - MASK_EPS)
+
     def detach(self) -> "BetaMaskPolicy":
         """The same distribution cut from the graph (e.g. the old policy snapshotted at sampling time)."""
         return BetaMaskPolicy(self.probs.detach(), self.kappa)

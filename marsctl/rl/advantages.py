@@ -28,9 +28,11 @@ DEFAULT_BASELINE_BETA = 0.92
 
 
 def group_relative_advantages(rewards: torch.Tensor, eps: float = DEFAULT_EPS, baseline: float | torch.Tensor | None = None) -> torch.Tensor:
-    """``[G, B]`` rewards -> ``[G, B]`` advantages, normalized within each group (column)."""
-    if rewards.ndim != 2 or rewards.shape[0] < 2:
-        raise ValueError(f"rewards must be [G, B] with a group size G >= 2, got {tuple(rewards.shape)}")
+    """``[G, B]`` rewards -> ``[G, B]`` advantages, normalized within each group (column).
+
+    Segment rewards ``[G, B, K]`` are normalized within each (mixture, segment) over the group."""
+    if rewards.ndim < 2 or rewards.shape[0] < 2:
+        raise ValueError(f"rewards must be [G, B] or [G, B, K] with a group size G >= 2, got {tuple(rewards.shape)}")
     rewards = rewards.float()
     std_g = rewards.std(dim=0, keepdim=True)  # std_g R_{:,b} (unbiased)
     center = rewards.mean(dim=0, keepdim=True) if baseline is None else torch.as_tensor(baseline, dtype=rewards.dtype, device=rewards.device)

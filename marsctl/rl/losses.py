@@ -12,6 +12,22 @@ time) for each of ``B`` mixtures, with advantages ``A_{g,b}``::
 
 Averaging the per-bin ratios (instead of multiplying them, i.e. the joint ratio over
 ~10^4 bins) keeps ``r`` on the scale where the clip range 1 +- eps means something.
+
+But it barely ever clips: for masks drawn from pi_old, E[rho] = 1 in every bin, so the mean of
+~10^4 per-bin ratios stays within a few percent of 1 however far pi_theta moves (measured: with
+``--ppo-epochs 4`` the per-bin KL to pi_old reached 0.18 in one rollout with a clip fraction of 0).
+``surrogate: per_bin`` therefore clips each bin's ratio before averaging, as token-level PPO
+does for language models (one advantage per sequence, one clipped ratio per token)::
+
+    L_clip(per_bin) = -mean_{g,b} mean_{f,t} min(rho A, clip(rho, 1 - eps, 1 + eps) A)
+
+Segment advantages (``A`` of shape ``[G, B, K]``, one per consecutive time segment; see
+``marsctl.rl.rewards``) credit each bin with its own segment's advantage: per_bin uses
+``A_{g,b,k(t)}`` for the bins of frame t; bin_mean averages the ratios within each segment
+and clips those ``r_{g,b,k}``. K = 1 is the formula above.
+
+Both have the same value and gradient at sampling time (rho = 1, the only epoch when
+``--ppo-epochs 1``); they differ from the second epoch on, where per_bin is a real trust region.
 Diagnostics are returned beside the loss (CleanRL's clip fraction and approximate KL).
 """
 
@@ -21,11 +37,14 @@ import dataclasses
 
 import torch
 
+from marsctl.metrics.separation import segment_index
 from marsctl.models.policy import BetaMaskPolicy
 
 DEFAULT_CLIP_EPS = 0.2
 DEFAULT_ENTROPY_COEF = 0.1
 DEFAULT_KL_COEF = 0.01
+#: "bin_mean": clip the bin-averaged ratio (the paper); "per_bin": clip every bin's ratio, then average
+SURROGATES = ("per_bin", "bin_mean")
 
 
 @dataclasses.dataclass
@@ -51,6 +70,41 @@ def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, clip_eps: f
     return -torch.minimum(unclipped, clipped).mean()  # L_clip
 
 
+def per_bin_clipped_surrogate(rho: torch.Tensor, advantages: torch.Tensor, clip_eps: float = DEFAULT_CLIP_EPS) -> torch.Tensor:
+    """-mean_{g,b,f,t} min(rho A, clip(rho, 1 - eps, 1 + eps) A): per-bin ratios ``rho`` ``[G, B, ...]``,
+    advantages ``A`` ``[G, B]`` (one per sample, broadcast over the bins) or any shape that
+    broadcasts against ``rho`` once padded with trailing axes (e.g. ``[G, B, 1, T]`` per frame)."""
+    advantages = advantages.reshape(*advantages.shape, *([1] * (rho.ndim - advantages.ndim)))
+    unclipped = rho * advantages  # rho A
+    clipped = torch.clamp(rho, 1.0 - clip_eps, 1.0 + clip_eps) * advantages  # clip(rho, 1-eps, 1+eps) A
+    return -torch.minimum(unclipped, clipped).mean()  # L_clip(per_bin)
+
+
+def pathwise_loss(
+    policy: BetaMaskPolicy,
+    reference: BetaMaskPolicy | None,
+    rewards: torch.Tensor,
+    entropy_coef: float = DEFAULT_ENTROPY_COEF,
+    kl_coef: float = DEFAULT_KL_COEF,
+) -> PolicyLoss:
+    """The pathwise (reparameterized) objective: rewards ``[G, ...]`` of masks drawn with
+    :meth:`BetaMaskPolicy.rsample` carry the graph back to theta, so no ratio or advantage is needed::
+
+        L = -mean_{g,b} R(M_g(theta)) - lambda_H H(pi_theta) + lambda_KL KL(pi_theta || pi_ref)
+
+    Same expected objective as the surrogate (E_{M ~ pi_theta} R), another gradient estimator.
+    The ratio diagnostics are reported as on-policy (ratio 1, nothing clipped)."""
+    mean_reward = rewards.mean()
+    entropy = policy.entropy().mean()  # H(pi_theta), mean per bin
+    kl_ref = policy.kl_divergence(reference).mean() if reference is not None else torch.zeros((), device=rewards.device)
+    loss = -mean_reward - entropy_coef * entropy + kl_coef * kl_ref  # L = -mean R - lambda_H H + lambda_KL KL_ref
+    stats = {
+        "loss": float(loss.detach()), "surrogate": float(-mean_reward.detach()), "entropy": float(entropy.detach()),
+        "kl_ref": float(kl_ref.detach()), "approx_kl_old": 0.0, "kl_old": 0.0, "clip_fraction": 0.0, "ratio_min": 1.0, "ratio_max": 1.0,
+    }
+    return PolicyLoss(loss=loss, surrogate=-mean_reward, entropy=entropy, kl_ref=kl_ref, stats=stats)
+
+
 def policy_loss(
     policy: BetaMaskPolicy,
     old_policy: BetaMaskPolicy,
@@ -61,40 +115,59 @@ def policy_loss(
     entropy_coef: float = DEFAULT_ENTROPY_COEF,
     kl_coef: float = DEFAULT_KL_COEF,
     old_log_prob: torch.Tensor | None = None,
+    surrogate: str = "bin_mean",
 ) -> PolicyLoss:
-    """The loss of the module docstring.
+    """The loss of the module docstring (``surrogate``: "bin_mean", the paper's, or "per_bin").
 
     ``policy``/``old_policy``/``reference`` have per-bin shape ``[B, F, T]``; ``masks`` are the
-    ``[G, B, F, T]`` samples drawn from ``old_policy``; ``advantages`` are ``[G, B]``.
+    ``[G, B, F, T]`` samples drawn from ``old_policy``; ``advantages`` are ``[G, B]``, or
+    ``[G, B, K]`` for K consecutive segments of the frame axis T.
     ``old_log_prob`` (``[G, B, F, T]``) may be passed to skip recomputing it every epoch.
     """
-    if masks.ndim != policy.probs.ndim + 1 or advantages.shape != masks.shape[:2]:
-        raise ValueError(f"expected masks [G, *policy shape] and advantages [G, B]; got {tuple(masks.shape)} and {tuple(advantages.shape)}")
+    if masks.ndim != policy.probs.ndim + 1 or advantages.shape[:2] != masks.shape[:2] or advantages.ndim not in (2, 3):
+        raise ValueError(f"expected masks [G, *policy shape] and advantages [G, B] or [G, B, K]; got {tuple(masks.shape)} and {tuple(advantages.shape)}")
     bin_dims = policy.probs.ndim - 1
     new_log_prob = policy.log_prob(masks)  # log pi_theta(M)
     if old_log_prob is None:
         old_log_prob = old_policy.detach().log_prob(masks)  # log pi_old(M), fixed at sampling time
     old_log_prob = old_log_prob.detach()
     advantages = advantages.detach().float()
-    ratio = bin_averaged_ratio(new_log_prob, old_log_prob, bin_dims)  # r = mean_{f,t} rho
-    surrogate = clipped_surrogate(ratio, advantages, clip_eps)  # -mean min(r A, clip(r) A)
+    if surrogate not in SURROGATES:
+        raise ValueError(f"surrogate must be one of {', '.join(SURROGATES)}, got {surrogate!r}")
+    rho = torch.exp(new_log_prob - old_log_prob)  # rho_{g,b,f,t}
+    if advantages.ndim == 3:  # segment advantages A_{g,b,k}: k(t) = the segment of frame t
+        segments = segment_index(masks.shape[-1], advantages.shape[-1], masks.device)
+        one_hot = torch.nn.functional.one_hot(segments, advantages.shape[-1]).to(rho.dtype)  # [T, K]
+        bins_per_segment = one_hot.sum(0) * rho[0, 0, ..., 0].numel()  # F x frames in segment k
+        ratio = torch.einsum("gb...t,tk->gbk", rho, one_hot) / bins_per_segment  # r_{g,b,k} = mean over segment k's bins
+        advantages_per_frame = advantages[..., segments].unsqueeze(-2)  # A_{g,b,k(t)}, broadcast over f
+    else:
+        ratio = rho.mean(dim=tuple(range(-bin_dims, 0)))  # r = mean_{f,t} rho
+        advantages_per_frame = advantages
+    if surrogate == "bin_mean":
+        clipped_term = clipped_surrogate(ratio, advantages, clip_eps)  # -mean min(r A, clip(r) A)
+        clip_fraction = ((ratio.detach() - 1.0).abs() > clip_eps).float().mean()
+    else:
+        clipped_term = per_bin_clipped_surrogate(rho, advantages_per_frame, clip_eps)  # -mean min(rho A, clip(rho) A)
+        clip_fraction = ((rho.detach() - 1.0).abs() > clip_eps).float().mean()
     entropy = policy.entropy().mean()  # H(pi_theta), mean per bin
     kl_ref = policy.kl_divergence(reference).mean() if reference is not None else torch.zeros((), device=masks.device)
-    loss = surrogate - entropy_coef * entropy + kl_coef * kl_ref  # L = L_clip - lambda_H H + lambda_KL KL_ref
+    loss = clipped_term - entropy_coef * entropy + kl_coef * kl_ref  # L = L_clip - lambda_H H + lambda_KL KL_ref
 
     with torch.no_grad():
         log_rho = new_log_prob.detach() - old_log_prob
         stats = {
             "loss": float(loss),
-            "surrogate": float(surrogate),
+            "surrogate": float(clipped_term),
             "entropy": float(entropy),
             "kl_ref": float(kl_ref),
             # CleanRL's k3 estimator of KL(old || new) on the sampled masks, per bin
             "approx_kl_old": float(((torch.exp(log_rho) - 1) - log_rho).mean()),
             # closed form, per bin
             "kl_old": float(policy.detach().kl_divergence(old_policy.detach()).mean()),
-            "clip_fraction": float(((ratio.detach() - 1.0).abs() > clip_eps).float().mean()),
+            # of the samples (bin_mean) or of the bins (per_bin) whose ratio lies outside 1 +- eps
+            "clip_fraction": float(clip_fraction),
             "ratio_min": float(ratio.detach().min()),
             "ratio_max": float(ratio.detach().max()),
         }
-    return PolicyLoss(loss=loss, surrogate=surrogate, entropy=entropy, kl_ref=kl_ref, stats=stats)
+    return PolicyLoss(loss=loss, surrogate=clipped_term, entropy=entropy, kl_ref=kl_ref, stats=stats)

@@ -29,6 +29,14 @@ estimate score below the true target (tests/test_rl_rewards.py).
 Shapes: per-estimate tensors are ``[..., T]`` / ``[..., D]`` (``[G, B, ...]`` in training);
 per-mixture tensors (mixtures, targets, anchors, queries) broadcast against them
 (``[B, ...]``). Rewards come back with the leading shape ``[...]``.
+
+Segment rewards (``segments = K > 1``, an extension; the paper's reward is K = 1): the signal
+terms are scored per consecutive time segment, ``[..., K]`` -- ``si_sdr`` as the segmental
+SI-SDR (:func:`marsctl.metrics.separation.segmental_si_sdr`: the clip's scaled target, each
+segment's own error) and ``energy_guard`` over each segment's STFT frames -- while the
+semantic terms, which judge the whole clip, are broadcast to every segment. The trainer then
+normalizes advantages per segment and credits each mask bin with its own segment's advantage,
+so that one rollout gives K signals instead of one (see ``marsctl.rl.losses``).
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ import torch.nn.functional as F
 from marsctl.audio import Spectrogram
 from marsctl.config import SignalConfig
 from marsctl.errors import ConfigError
-from marsctl.metrics.separation import si_sdr
+from marsctl.metrics.separation import segment_sums, segmental_si_sdr, si_sdr
 
 #: a small energy floor (silent mixtures do not divide by zero)
 ENERGY_FLOOR = 1e-8
@@ -62,6 +70,8 @@ class RewardBatch:
     residuals: torch.Tensor | None = None  # separately estimated residual [..., T] (None: x - y_hat)
     #: |X|^2 of the mixtures [..., 513, frames], when the caller already has it
     mixture_power: torch.Tensor | None = None
+    #: K: score the signal terms per consecutive time segment ([..., K]); 1 = one score per clip
+    segments: int = 1
 
 
 def _need(value: torch.Tensor | None, what: str, reward: str) -> torch.Tensor:
@@ -85,34 +95,51 @@ def query_similarity_reward(batch: RewardBatch) -> torch.Tensor:
 
 
 def si_sdr_reward(batch: RewardBatch, cap_db: float = 30.0) -> torch.Tensor:
-    """clamp(SI-SDR(target, y_hat), -cap, cap) / cap; an all-zero estimate gets -1."""
+    """clamp(SI-SDR(target, y_hat), -cap, cap) / cap; an all-zero estimate gets -1.
+    With ``batch.segments`` K > 1: the segmental SI-SDR, ``[..., K]``."""
     targets = _need(batch.targets, "the known target", "si_sdr")
     estimates = batch.estimates
-    value = si_sdr(targets.expand_as(estimates), estimates)  # float64, inf for a perfect estimate
+    if batch.segments > 1:
+        value = segmental_si_sdr(targets.expand_as(estimates), estimates, batch.segments)
+    else:
+        value = si_sdr(targets.expand_as(estimates), estimates)  # float64, inf for a perfect estimate
     value = torch.nan_to_num(value, nan=-cap_db, posinf=cap_db, neginf=-cap_db)
     return (value.clamp(-cap_db, cap_db) / cap_db).float()
 
 
 def energy_guard_reward(batch: RewardBatch) -> torch.Tensor:
-    """-(E_excess + E_consistency); see the module docstring."""
+    """-(E_excess + E_consistency); see the module docstring. With ``batch.segments`` K > 1,
+    per segment of STFT frames (and of samples for the consistency term), ``[..., K]``."""
     spectrogram = Spectrogram(batch.signal).to(batch.estimates.device)
     estimates, mixtures = batch.estimates.float(), batch.mixtures.float()
     with torch.autocast(device_type=estimates.device.type, enabled=False):
         est_power = spectrogram.stft(estimates).abs().square()  # |Y|^2
         mix_power = batch.mixture_power if batch.mixture_power is not None else spectrogram.stft(mixtures).abs().square()  # |X|^2
-        mix_energy = mix_power.sum(dim=(-2, -1)) + ENERGY_FLOOR
-        excess = (est_power - mix_power).clamp_min(0).sum(dim=(-2, -1)) / mix_energy  # E_excess
+        k = batch.segments
+        if k > 1:  # per segment of frames / samples
+            mix_energy = segment_sums(mix_power.sum(-2), k) + ENERGY_FLOOR
+            excess = segment_sums((est_power - mix_power).clamp_min(0).sum(-2), k) / mix_energy
+        else:
+            mix_energy = mix_power.sum(dim=(-2, -1)) + ENERGY_FLOOR
+            excess = (est_power - mix_power).clamp_min(0).sum(dim=(-2, -1)) / mix_energy  # E_excess
         if batch.residuals is None:
             consistency = torch.zeros_like(excess)  # r = x - y_hat: target + residual = x exactly
         else:
-            error = mixtures - (estimates + batch.residuals.float())
-            consistency = error.square().sum(-1) / (mixtures.square().sum(-1) + ENERGY_FLOOR)  # E_consistency
+            error = (mixtures - (estimates + batch.residuals.float())).square()
+            mixture_energy = mixtures.square()
+            if k > 1:
+                error, mixture_energy = segment_sums(error, k), segment_sums(mixture_energy, k)
+            else:
+                error, mixture_energy = error.sum(-1), mixture_energy.sum(-1)
+            consistency = error / (mixture_energy + ENERGY_FLOOR)  # E_consistency
     return -(excess + consistency.expand_as(excess))
 
 
 @dataclasses.dataclass(frozen=True)
 class RewardWeights:
-    """Weights w_i of R = sum_i w_i r_i (a weight of 0 keeps the term logged but out of R)."""
+    """Weights w_i of R = sum_i w_i r_i. A term of weight 0 is out of R and is not computed in
+    training steps (no reward-encoder pass when no weighted term needs one); validation still
+    logs every term."""
 
     semantic_anchor: float = 1.0
     query_similarity: float = 0.0
@@ -125,10 +152,15 @@ class RewardConfig:
     weights: RewardWeights = dataclasses.field(default_factory=RewardWeights)
     #: SI-SDR is clamped to +-cap and divided by it
     si_sdr_cap_db: float = 30.0
+    #: K consecutive time segments scored separately by the signal terms (1 = the paper's one
+    #: reward per clip; see the module docstring)
+    segments: int = 1
 
     def __post_init__(self) -> None:
         if self.si_sdr_cap_db <= 0:
             raise ConfigError(f"rewards.si_sdr_cap_db must be positive, got {self.si_sdr_cap_db}")
+        if self.segments < 1:
+            raise ConfigError(f"rewards.segments must be >= 1, got {self.segments}")
         if not any(w != 0 for w in dataclasses.asdict(self.weights).values()):
             raise ConfigError("rewards.weights: at least one reward weight must be non-zero")
 
@@ -138,25 +170,31 @@ class RewardFunction:
     name: str
     weight: float
     function: Callable[[RewardBatch], torch.Tensor]
+    #: what of a RewardBatch it reads beyond estimates and mixtures (the trainer computes only what is read)
+    needs: tuple[str, ...] = ()
 
 
 def reward_functions(config: RewardConfig = RewardConfig()) -> list[RewardFunction]:
     """The weighted list of named reward functions of ``config``."""
     w = config.weights
     return [
-        RewardFunction("semantic_anchor", w.semantic_anchor, semantic_anchor_reward),
-        RewardFunction("query_similarity", w.query_similarity, query_similarity_reward),
-        RewardFunction("si_sdr", w.si_sdr, lambda batch: si_sdr_reward(batch, config.si_sdr_cap_db)),
+        RewardFunction("semantic_anchor", w.semantic_anchor, semantic_anchor_reward, needs=("estimate_embeddings", "anchors")),
+        RewardFunction("query_similarity", w.query_similarity, query_similarity_reward, needs=("estimate_embeddings", "queries")),
+        RewardFunction("si_sdr", w.si_sdr, lambda batch: si_sdr_reward(batch, config.si_sdr_cap_db), needs=("targets",)),
         RewardFunction("energy_guard", w.energy_guard, energy_guard_reward),
     ]
 
 
 def compute_rewards(functions: Sequence[RewardFunction], batch: RewardBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """R = sum_i w_i r_i, and each r_i by name (for logging). All on the estimates' leading shape."""
+    """R = sum_i w_i r_i, and each r_i by name (for logging). All on the estimates' leading shape
+    (``[..., K]`` with ``batch.segments`` K > 1: whole-clip terms are broadcast over the segments)."""
     terms: dict[str, torch.Tensor] = {}
     total = None
+    lead = batch.estimates.shape[:-1]
     for function in functions:
         value = function.function(batch).float()
+        if batch.segments > 1 and value.shape == lead:
+            value = value.unsqueeze(-1).expand(*lead, batch.segments)  # a whole-clip score counts in every segment
         terms[function.name] = value
         total = function.weight * value if total is None else total + function.weight * value  # R = sum_i w_i r_i
     if total is None:

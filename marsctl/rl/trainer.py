@@ -15,6 +15,12 @@ One loop (CleanRL style), one line per equation; per step and process, for ``B``
         L = -mean min(r A, clip(r, 1 +- eps) A) - lambda_H H(pi_theta) + lambda_KL KL(pi_theta || pi_ref)
         theta <- AdamW(theta, clip(grad L, 1.0))          (LR: warmup, then cosine decay)
 
+With ``estimator: pathwise`` (an extension) the masks are drawn with gradient and the
+rewards differentiated through them (no ratio, no advantage)::
+
+    M_{g,b}        = rsample(pi_theta)                 Beta implicit reparameterization
+    L = -mean R(M(theta)) - lambda_H H(pi_theta) + lambda_KL KL(pi_theta || pi_ref)
+
 ``pi_ref`` is the frozen starting (supervised) separator. The separator runs with its
 BatchNorm layers in inference mode (running statistics frozen), so the optimized policy is
 exactly the one ``marsctl separate`` deploys and KL(pi_theta || pi_ref) is 0 at step 0.
@@ -45,7 +51,6 @@ from marsctl.errors import ConfigError, MarsctlError
 from marsctl.files import write_json_atomic, write_text_atomic
 from marsctl.models.encoder_base import QueryEncoder
 from marsctl.models.policy import BetaMaskPolicy
-from marsctl.models.query import MODALITIES
 from marsctl.models.separator import Separator, load_separator, save_separator
 from marsctl.rl.advantages import (
     DEFAULT_BASELINE_BETA,
@@ -57,6 +62,8 @@ from marsctl.rl.losses import (
     DEFAULT_CLIP_EPS,
     DEFAULT_ENTROPY_COEF,
     DEFAULT_KL_COEF,
+    SURROGATES,
+    pathwise_loss,
     policy_loss,
 )
 from marsctl.rl.rewards import (
@@ -76,26 +83,31 @@ from marsctl.train.data import (
     mixing_dataset,
 )
 from marsctl.train.distributed import DistributedContext
-from marsctl.train.schedule import warmup_cosine
+from marsctl.train.loop_config import TrainingLoopConfig
 from marsctl.train.supervised import QueryBuilder, SupervisedConfig, validate
 
 BASELINES = ("group", "moving_average")
+#: how the gradient of E_{M ~ pi_theta}[R(M)] is estimated (see RLConfig.estimator)
+ESTIMATORS = ("score_function", "pathwise")
+ESTIMATOR_SUMMARY = {
+    "score_function": "clipped surrogate on bin-averaged ratios, group-relative advantages",
+    "pathwise": "pathwise gradient of the expected reward through reparameterized Beta masks",
+}
 
 
 @dataclasses.dataclass(frozen=True)
-class RLConfig:
-    """Everything ``marsctl train rl`` needs; ``recipes/train/rl*.yaml`` fill it."""
+class RLConfig(TrainingLoopConfig):
+    """Everything ``marsctl train rl`` needs; ``recipes/train/rl*.yaml`` fill it.
+
+    The shared loop settings are :class:`~marsctl.train.loop_config.TrainingLoopConfig`'s;
+    the defaults that differ from supervised training are redeclared here."""
 
     #: the starting separator (a ``marsctl train sup`` run directory or Hub id); also pi_ref
     init_model: str = ""
-    #: dataset directory (output of ``marsctl data build``)
-    data: str = ""
     #: query encoder spec; empty = the one the starting separator was trained with
     encoder: str = ""
     #: frozen reward encoder spec (an aligned encoder directory); empty = the query encoder
     reward_encoder: str = ""
-    num_sources: int = 2
-    #: mixtures per step and process
     batch_size: int = 4
     #: G: masks sampled per mixture from one forward pass
     group_size: int = 8
@@ -103,13 +115,24 @@ class RLConfig:
     ppo_epochs: int = 1
     max_steps: int = 2000
     learning_rate: float = 2e-4
-    weight_decay: float = 0.01
     warmup_steps: int = 50
-    #: cosine decay from the peak LR to this fraction of it at max_steps
-    final_lr_fraction: float = 0.1
-    grad_clip_norm: float = 1.0
+    #: Beta concentration kappa during RL (alpha = 1 + kappa P, beta = 1 + kappa (1 - P));
+    #: None keeps the starting separator's. The mode (= P, what ``separate`` deploys) does not
+    #: depend on kappa; a larger kappa samples masks closer to it. Saved with the fine-tuned model.
+    kappa: float | None = None
     #: epsilon of clip(r, 1 - eps, 1 + eps)
     clip_eps: float = DEFAULT_CLIP_EPS
+    #: "bin_mean" clips the bin-averaged ratio (the paper); "per_bin" clips each bin's ratio and
+    #: then averages (token-level PPO). Identical when ppo_epochs = 1; see marsctl.rl.losses.
+    surrogate: str = "bin_mean"
+    #: "score_function": the paper's PPO clipped surrogate on log-probability ratios (REINFORCE
+    #: with group-relative advantages; any reward, differentiable or not). "pathwise": the
+    #: reparameterized gradient of the same objective, d/dtheta mean_g R(M_g(theta)) with
+    #: M_g = Beta.rsample (an extension; needs every weighted reward term differentiable in the
+    #: estimate: si_sdr and energy_guard are, the semantic terms are with the built-in encoder but
+    #: not with LAION-CLAP, whose audio features are computed without gradients). On ~10^5 independent Beta bins per clip the score-function gradient is close to
+    #: noise (BENCHMARKS.md, "RL gradient quality"); the pathwise one is not.
+    estimator: str = "score_function"
     #: lambda_H (entropy bonus). The paper's 0.1 is the default; note that with per-bin means for
     #: both the ratio and the entropy, the entropy gradient is coherent over bins while the policy
     #: gradient is not: in 25-step CPU runs on the test tones 0.1 pulled the masks toward 0.5
@@ -123,45 +146,32 @@ class RLConfig:
     baseline: str = "group"
     baseline_beta: float = DEFAULT_BASELINE_BETA
     rewards: RewardConfig = dataclasses.field(default_factory=RewardConfig)
-    query_modalities: tuple[str, ...] = ("text",)
-    query_mixup: bool = True
     val_every: int = 100
     val_mixtures: int = 32
-    val_split: str = "val"
     checkpoint_every: int = 100
-    keep_checkpoints: int = 3
     log_every: int = 1
-    seed: int = 0
-    num_workers: int = 2
-    #: bf16 autocast for the separator on CUDA (the reward encoder always runs in fp32)
-    bf16: bool = True
+
+    _positive = TrainingLoopConfig._positive + ("ppo_epochs",)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "query_modalities", tuple(self.query_modalities))
-        bad = set(self.query_modalities) - set(MODALITIES)
-        if bad or not self.query_modalities:
-            raise ConfigError(f"query_modalities must be a non-empty subset of {MODALITIES}, got {list(self.query_modalities)}")
-        for name in ("batch_size", "max_steps", "ppo_epochs", "val_every", "checkpoint_every", "log_every", "num_sources"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        super().__post_init__()
         if self.group_size < 2:
             raise ConfigError(f"group_size must be >= 2 (advantages are normalized within the group), got {self.group_size}")
         if self.baseline not in BASELINES:
             raise ConfigError(f"baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ConfigError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+        if self.surrogate not in SURROGATES:
+            raise ConfigError(f"surrogate must be one of {', '.join(SURROGATES)}, got {self.surrogate!r}")
         if not 0 < self.clip_eps < 1:
             raise ConfigError(f"clip_eps must be in (0, 1), got {self.clip_eps}")
-        if self.learning_rate <= 0 or self.warmup_steps < 0:
-            raise ConfigError("learning_rate must be > 0 and warmup_steps >= 0")
+        if self.kappa is not None and self.kappa <= 0:
+            raise ConfigError(f"kappa must be positive, got {self.kappa}")
 
 
 def load_rl_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RLConfig:
     """A recipe YAML (or the defaults) with command-line overrides (``None`` values ignored)."""
     return load_recipe(RLConfig, path, overrides, where="train rl")
-
-
-def lr_lambda(config: RLConfig) -> Callable[[int], float]:
-    """LR multiplier: linear warmup to 1, then cosine decay to ``final_lr_fraction``."""
-    return warmup_cosine(config.warmup_steps, config.max_steps, config.final_lr_fraction)
 
 
 @dataclasses.dataclass
@@ -170,18 +180,21 @@ class Rollout:
 
     masks: torch.Tensor  # [G, B, F_log, frames]
     estimates: torch.Tensor  # [G, B, T]
-    rewards: torch.Tensor  # [G, B]
-    terms: dict[str, torch.Tensor]  # each [G, B]
+    rewards: torch.Tensor  # [G, B], or [G, B, K] with K reward segments
+    terms: dict[str, torch.Tensor]  # each like rewards
     reward_seconds: float
-    anchor_source: str
+    #: where z* came from ("anchor_fusion" or the query fallback); None when no term needed it
+    anchor_source: str | None
 
 
 class RewardModel:
     """The frozen reward encoder plus the weighted reward functions: scores ``[G, B, T]`` estimates."""
 
-    def __init__(self, encoder: QueryEncoder, functions: Sequence[RewardFunction], signal, same_space_as_queries: bool):
+    def __init__(self, encoder: QueryEncoder, functions: Sequence[RewardFunction], signal, same_space_as_queries: bool, segments: int = 1):
         self.encoder = encoder.eval().requires_grad_(False)
         self.functions = list(functions)
+        #: K: time segments scored separately by the signal terms (rewards come back [G, B, K])
+        self.segments = segments
         self.signal = signal
         self.same_space_as_queries = same_space_as_queries
         self._text_cache: dict[str, torch.Tensor] = {}
@@ -194,7 +207,6 @@ class RewardModel:
                 self._text_cache[label] = emb
         return torch.stack([self._text_cache[label] for label in labels])
 
-    @torch.no_grad()
     def score(
         self,
         estimates: torch.Tensor,
@@ -203,30 +215,54 @@ class RewardModel:
         queries: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
         mixture_power: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], str]:
-        """Rewards ``[G, B]`` of estimates ``[G, B, T]`` for B mixtures (targets ``[B, T]`` when known)."""
+        all_terms: bool = False,
+        differentiable: bool = False,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], str | None]:
+        """Rewards ``[G, B]`` (``[G, B, K]`` with K segments) of estimates ``[G, B, T]`` for B
+        mixtures (targets ``[B, T]`` when known).
+
+        Training steps compute the weighted terms only; ``all_terms`` (validation) adds the
+        weight-0 ones, which are logged but not in R. Terms that need the target are skipped
+        when it is unknown. The reward encoder runs only when a computed term reads its output.
+        ``differentiable`` (the pathwise estimator) keeps the graph from the estimates to R and
+        fails, naming the term, when a weighted term does not depend differentiably on them."""
+        with torch.enable_grad() if differentiable else torch.no_grad():
+            total, terms, source = self._score(estimates, mixtures, labels, queries, targets, mixture_power, all_terms)
+        if differentiable and estimates.requires_grad:
+            for function in self.functions:
+                if function.weight != 0 and function.name in terms and not terms[function.name].requires_grad:
+                    raise MarsctlError(f"estimator 'pathwise': reward term '{function.name}' is not differentiable in the estimate "
+                                       "(the encoders compute embeddings without gradients); give it weight 0 or use estimator 'score_function'")
+        return total, terms, source
+
+    def _score(self, estimates, mixtures, labels, queries, targets, mixture_power, all_terms):
         group, batch, length = estimates.shape
         device = self.encoder.device
+        functions = [f for f in self.functions if (all_terms or f.weight != 0) and (targets is not None or "targets" not in f.needs)]
+        needs = {need for f in functions for need in f.needs}
+        embeddings = anchors = reward_queries = None
+        source = None
         with torch.autocast(device_type=estimates.device.type, enabled=False):  # the reward encoder runs in fp32
-            # e_{g,b} = phi_a(y_{g,b}): all G*B estimates in one batch
-            embeddings = self.encoder.embed_audio(estimates.reshape(group * batch, length).float().to(device), self.signal.sample_rate)
-            embeddings = embeddings.float().view(group, batch, -1).to(estimates.device)
-            if self.same_space_as_queries and queries is not None:
-                reward_queries = queries.float()
-            else:
-                reward_queries = self.text(labels).to(estimates.device)
-            anchors, source = anchor_embeddings(
-                self.encoder, None if targets is None else targets.float().to(device), labels, self.signal.sample_rate, fallback_queries=reward_queries
-            )
+            if "estimate_embeddings" in needs:
+                # e_{g,b} = phi_a(y_{g,b}): all G*B estimates in one batch
+                embeddings = self.encoder.embed_audio(estimates.reshape(group * batch, length).float().to(device), self.signal.sample_rate)
+                embeddings = embeddings.float().view(group, batch, -1).to(estimates.device)
+            if needs & {"queries", "anchors"}:
+                if self.same_space_as_queries and queries is not None:
+                    reward_queries = queries.float()
+                else:
+                    reward_queries = self.text(labels).to(estimates.device)
+            if "anchors" in needs:
+                anchors, source = anchor_embeddings(
+                    self.encoder, None if targets is None else targets.float().to(device), labels, self.signal.sample_rate,
+                    fallback_queries=reward_queries,
+                )
+                anchors = anchors.to(estimates.device)
             reward_batch = RewardBatch(
                 estimates=estimates.float(), mixtures=mixtures.float(), signal=self.signal, estimate_embeddings=embeddings,
-                anchors=anchors.to(estimates.device), queries=reward_queries, targets=None if targets is None else targets.float(),
-                mixture_power=mixture_power,
+                anchors=anchors, queries=reward_queries, targets=None if targets is None else targets.float(),
+                mixture_power=mixture_power, segments=self.segments,
             )
-            if targets is None:  # no ground truth (e.g. scoring unlabeled mixtures): skip the terms that need it
-                functions = [f for f in self.functions if f.name != "si_sdr"]
-            else:
-                functions = self.functions
             total, terms = compute_rewards(functions, reward_batch)
         return total, terms, source
 
@@ -263,8 +299,10 @@ def rollout(
     queries: torch.Tensor | None,
     targets: torch.Tensor | None,
     timer: PhaseTimer | None = None,
+    all_terms: bool = False,
 ) -> Rollout:
-    """Sample G masks per mixture from ``policy`` (``[B, F, T]``), separate and score them."""
+    """Sample G masks per mixture from ``policy`` (``[B, F, T]``), separate and score them
+    (``all_terms``: also the weight-0 reward terms, for logging)."""
     timer = timer or PhaseTimer(mixtures.device, enabled=False)
     with torch.no_grad():
         with timer("sample"):
@@ -275,7 +313,7 @@ def rollout(
             torch.cuda.synchronize(estimates.device)
         start = time.perf_counter()
         mixture_power = mixture_stft.abs().square()
-        rewards, terms, source = reward_model.score(estimates, mixtures, labels, queries, targets, mixture_power)
+        rewards, terms, source = reward_model.score(estimates, mixtures, labels, queries, targets, mixture_power, all_terms)
         if rewards.device.type == "cuda":
             torch.cuda.synchronize(rewards.device)
         seconds = time.perf_counter() - start
@@ -285,7 +323,7 @@ def rollout(
 @dataclasses.dataclass
 class UpdateResult:
     samples: Rollout
-    advantages: torch.Tensor  # [G, B]
+    advantages: torch.Tensor  # [G, B] (or [G, B, K])
     #: policy-loss diagnostics of each PPO epoch (+ grad_norm)
     epoch_stats: list[dict[str, float]]
 
@@ -323,6 +361,9 @@ def rl_update(
     with timer("policy_forward"), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
         logits = train_model(mixture, query)  # z = f_theta(x, q): one forward pass per mixture
     policy = model.policy(logits)  # pi_theta: alpha = 1 + kappa P, beta = 1 + kappa (1 - P)
+    if config.estimator == "pathwise":
+        return _pathwise_update(model, train_model, policy, reference_policy, reward_model, optimizer, config, mixture_stft, mixture,
+                                query, target, labels, sample_seed, device, use_bf16, timer)
     old_policy = policy.detach()  # pi_old, snapshotted at sampling time
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(sample_seed)
@@ -339,19 +380,56 @@ def rl_update(
     for epoch in range(config.ppo_epochs):
         with timer("loss_backward_step"):
             if epoch > 0:
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    policy = model.policy(train_model(mixture, query))
+                policy = _current_policy(model, train_model, mixture, query, device, use_bf16)
             # L = -mean min(r A, clip(r, 1 +- eps) A) - lambda_H H + lambda_KL KL(pi_theta || pi_ref)
             out = policy_loss(
                 policy, old_policy, reference_policy, samples.masks, advantages, config.clip_eps,
-                config.entropy_coef, config.kl_coef, old_log_prob=old_log_prob,
+                config.entropy_coef, config.kl_coef, old_log_prob=old_log_prob, surrogate=config.surrogate,
             )
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)  # clip(grad L, 1.0)
-            optimizer.step()  # theta <- AdamW(theta, ...)
-            epoch_stats.append({**out.stats, "grad_norm": float(grad_norm)})
+            epoch_stats.append({**out.stats, "grad_norm": _apply_gradient(model, optimizer, out.loss, config.grad_clip_norm)})
     return UpdateResult(samples=samples, advantages=advantages, epoch_stats=epoch_stats)
+
+
+def _current_policy(model, train_model, mixture, query, device, use_bf16) -> BetaMaskPolicy:
+    """pi_theta of the current parameters (a new forward pass, for PPO epochs after the first)."""
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        return model.policy(train_model(mixture, query))
+
+
+def _apply_gradient(model, optimizer, loss: torch.Tensor, grad_clip_norm: float) -> float:
+    """theta <- AdamW(theta, clip(grad L, grad_clip_norm)); returns the gradient norm before clipping."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)  # clip(grad L, 1.0)
+    optimizer.step()  # theta <- AdamW(theta, ...)
+    return float(grad_norm)
+
+
+def _pathwise_update(model, train_model, policy, reference_policy, reward_model, optimizer, config, mixture_stft, mixture, query,
+                     target, labels, sample_seed, device, use_bf16, timer) -> UpdateResult:
+    """``estimator: pathwise``: theta <- AdamW(grad of -mean_g R(M_g(theta)) - lambda_H H + lambda_KL KL),
+    M_g = rsample (fresh on-policy samples each epoch). Advantages are computed for the log only."""
+    fork = [device] if device.type == "cuda" else []
+    epoch_stats: list[dict[str, float]] = []
+    for epoch in range(config.ppo_epochs):
+        with timer("loss_backward_step"):
+            if epoch > 0:
+                policy = _current_policy(model, train_model, mixture, query, device, use_bf16)
+            with torch.random.fork_rng(devices=fork):
+                torch.manual_seed(sample_seed + epoch)
+                masks = policy.rsample(config.group_size)  # M_g = g(eps_g; alpha(theta), beta(theta))
+            estimates = model.synthesize(masks, mixture_stft, mixture.shape[-1])  # y_g(theta)
+            start = time.perf_counter()
+            rewards, terms, source = reward_model.score(estimates, mixture, labels, query, target, mixture_stft.abs().square(),
+                                                        differentiable=True)
+            reward_seconds = time.perf_counter() - start
+            out = pathwise_loss(policy, reference_policy, rewards, config.entropy_coef, config.kl_coef)
+            epoch_stats.append({**out.stats, "grad_norm": _apply_gradient(model, optimizer, out.loss, config.grad_clip_norm)})
+            if epoch == 0:
+                samples = Rollout(masks=masks.detach(), estimates=estimates.detach(), rewards=rewards.detach(),
+                                  terms={k: v.detach() for k, v in terms.items()}, reward_seconds=reward_seconds, anchor_source=source)
+    timer.seconds["reward"] = timer.seconds.get("reward", 0.0) + samples.reward_seconds
+    return UpdateResult(samples=samples, advantages=group_relative_advantages(samples.rewards, config.advantage_eps), epoch_stats=epoch_stats)
 
 
 @torch.no_grad()
@@ -370,7 +448,8 @@ def validation_reward(
             queries = query_builder.text(fixed.labels).to(device)  # [S, D]
             stft, _, log_magnitude = model.analyze(mixture)
             policy = model.policy(model.logits(model.features(log_magnitude), queries))
-            samples = rollout(model, policy, stft, mixture, group_size, reward_model, fixed.labels, queries, torch.from_numpy(fixed.sources).to(device))
+            targets = torch.from_numpy(fixed.sources).to(device)
+            samples = rollout(model, policy, stft, mixture, group_size, reward_model, fixed.labels, queries, targets, all_terms=True)
             totals.append(samples.rewards.flatten())
             for name, value in samples.terms.items():
                 terms.setdefault(name, []).append(value.flatten())
@@ -393,7 +472,7 @@ def _model_card(config: RLConfig, step: int, val: float | None, anchor_source: s
     return (
         "# marsctl separator (MARS-Sep RL fine-tuned)\n\n"
         "Query-conditioned mask separator fine-tuned by `marsctl train rl` as a Beta mask policy "
-        "(clipped surrogate on bin-averaged ratios, group-relative advantages, entropy bonus, KL to the starting policy).\n\n"
+        f"({ESTIMATOR_SUMMARY[config.estimator]}, entropy bonus, KL to the starting policy).\n\n"
         f"- starting model (reference policy): `{config.init_model}`\n- training data: `{config.data}`\n"
         f"- reward encoder: `{config.reward_encoder or 'the query encoder'}`; anchor z*: {anchor_source or 'n/a'}\n"
         f"- reward weights: {weights}\n"
@@ -430,6 +509,9 @@ def train_rl(
     model = start.model
     signal = model.config.signal
     reference = load_separator(config.init_model, device=ctx.device).model.eval().requires_grad_(False)  # pi_ref, frozen
+    if config.kappa is not None:  # the RL policy's concentration (pi_ref gets the same, so KL compares like with like)
+        for separator in (model, reference):
+            separator.config = dataclasses.replace(separator.config, kappa=float(config.kappa))
     encoder_spec = config.encoder or start.encoder
     if encoder is None:
         from marsctl.models.encoders import load_encoder
@@ -445,14 +527,15 @@ def train_rl(
             reward_encoder = load_encoder(config.reward_encoder, device=str(ctx.device))
         else:
             reward_encoder = encoder
-    reward_model = RewardModel(reward_encoder, reward_functions(config.rewards), signal, same_space_as_queries=reward_encoder is encoder)
+    reward_model = RewardModel(reward_encoder, reward_functions(config.rewards), signal, same_space_as_queries=reward_encoder is encoder,
+                               segments=config.rewards.segments)
     if getattr(reward_encoder, "anchor_fusion", None) is None:
         say("reward encoder has no anchor module (not aligned): semantic_anchor uses the query as z*")
     torch.manual_seed(config.seed + ctx.rank)
 
     model.eval()  # BatchNorm in inference mode: the optimized policy is the deployed one (see the docstring)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_lambda())
     baseline = MovingAverageBaseline(config.baseline_beta) if config.baseline == "moving_average" else None
     start_step, history = 0, []
 
@@ -460,7 +543,7 @@ def train_rl(
     if latest is not None:
         state = ckpt.load_training_state(latest, map_location=ctx.device)
         saved = state.get("config", {})
-        for key in ("init_model", "num_sources", "group_size", "rewards", "baseline"):
+        for key in ("init_model", "num_sources", "group_size", "kappa", "rewards", "baseline"):
             if key in saved and saved[key] != to_mapping(config)[key]:
                 raise MarsctlError(f"{run_dir}: cannot resume, '{key}' differs from the checkpoint's; use a new --out or --no-resume")
         from safetensors.torch import load_file
@@ -561,7 +644,7 @@ def train_rl(
                 baseline=baseline, all_reduce_mean=ctx.all_reduce_mean,
             )
             samples, rewards, advantages, epoch_stats = update.samples, update.samples.rewards, update.advantages, update.epoch_stats
-            anchor_source = samples.anchor_source
+            anchor_source = samples.anchor_source or anchor_source
             scheduler.step()
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize(ctx.device)

@@ -34,12 +34,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from marsctl.config import SignalConfig, load_recipe, to_mapping
-from marsctl.errors import ConfigError, MarsctlError
+from marsctl.errors import MarsctlError
 from marsctl.files import write_json_atomic, write_text_atomic
 from marsctl.metrics.separation import si_sdr_improvement
 from marsctl.models.encoder_base import QueryEncoder
 from marsctl.models.policy import DEFAULT_KAPPA
-from marsctl.models.query import MODALITIES, fuse, query_mixup_weights
+from marsctl.models.query import fuse, query_mixup_weights
 from marsctl.models.separator import Separator, SeparatorConfig, save_separator
 from marsctl.train import checkpoint as ckpt
 from marsctl.train.data import (
@@ -50,7 +50,7 @@ from marsctl.train.data import (
     mixing_dataset,
 )
 from marsctl.train.distributed import DistributedContext
-from marsctl.train.schedule import warmup_cosine
+from marsctl.train.loop_config import TrainingLoopConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,54 +65,20 @@ class ArchitectureConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class SupervisedConfig:
-    """Everything ``marsctl train sup`` needs; recipes under ``recipes/train/`` fill it."""
+class SupervisedConfig(TrainingLoopConfig):
+    """Everything ``marsctl train sup`` needs; recipes under ``recipes/train/`` fill it.
 
-    #: dataset directory (output of ``marsctl data build``)
-    data: str = ""
+    The shared loop settings (data, optimizer, schedule, validation, checkpoints, launch) and
+    their defaults are :class:`~marsctl.train.loop_config.TrainingLoopConfig`'s."""
+
     #: query encoder spec for ``marsctl.models.encoders.load_encoder`` (frozen during training)
     encoder: str = "builtin"
     signal: SignalConfig = dataclasses.field(default_factory=SignalConfig)
     architecture: ArchitectureConfig = dataclasses.field(default_factory=ArchitectureConfig)
-    num_sources: int = 2
-    #: per process
-    batch_size: int = 8
-    max_steps: int = 20_000
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 500
-    #: cosine decay from the peak LR down to this fraction of it at max_steps
-    final_lr_fraction: float = 0.1
-    grad_clip_norm: float = 1.0
     #: OmniSep's log(1 + |X|) bin weights; False gives plain BCE
     weighted_loss: bool = True
     #: a source "owns" a bin when its magnitude exceeds this fraction of the mixture's
     mask_threshold: float = 0.5
-    #: query modalities used in training (text, audio, image); several are fused
-    query_modalities: tuple[str, ...] = ("text",)
-    #: Query-Mixup: random fusion weights per example (else equal weights)
-    query_mixup: bool = True
-    val_every: int = 500
-    val_mixtures: int = 64
-    val_split: str = "val"
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    log_every: int = 10
-    seed: int = 0
-    num_workers: int = 2
-    #: bf16 autocast for the U-Net on CUDA (ignored on CPU)
-    bf16: bool = True
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "query_modalities", tuple(self.query_modalities))
-        bad = set(self.query_modalities) - set(MODALITIES)
-        if bad or not self.query_modalities:
-            raise ConfigError(f"query_modalities must be a non-empty subset of {MODALITIES}, got {list(self.query_modalities)}")
-        for name in ("batch_size", "max_steps", "val_every", "checkpoint_every", "log_every", "num_sources"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup_steps < 0 or self.learning_rate <= 0:
-            raise ConfigError("warmup_steps must be >= 0 and learning_rate > 0")
 
     def separator_config(self, query_dim: int) -> SeparatorConfig:
         return SeparatorConfig(query_dim=query_dim, signal=self.signal, **to_mapping(self.architecture))
@@ -121,11 +87,6 @@ class SupervisedConfig:
 def load_supervised_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> SupervisedConfig:
     """A recipe YAML (or the defaults) with command-line overrides (``None`` values ignored)."""
     return load_recipe(SupervisedConfig, path, overrides, where="train sup")
-
-
-def lr_lambda(config: SupervisedConfig) -> Callable[[int], float]:
-    """LR multiplier: linear warmup to 1, then cosine decay to ``final_lr_fraction``."""
-    return warmup_cosine(config.warmup_steps, config.max_steps, config.final_lr_fraction)
 
 
 def weighted_bce_mask_loss(
@@ -272,7 +233,7 @@ def train_supervised(
 
     model = Separator(config.separator_config(encoder.embedding_dim)).to(ctx.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_lambda())
     start_step, best, history = 0, None, []
 
     if not resume and ctx.is_main and (run_dir / "checkpoints").is_dir():
