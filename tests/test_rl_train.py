@@ -114,6 +114,8 @@ def test_pathwise_rl_run_raises_reward_and_si_sdri(tone_data, supervised, tmp_pa
     assert len(train) == 15 and all(h["clip_fraction"] == 0.0 for h in train) and train[-1]["kl_ref"] > 0
     with pytest.raises(ConfigError, match="estimator"):
         load_rl_config(None, {"estimator": "reinforce"})
+    with pytest.raises(ConfigError, match="moving_average"):
+        load_rl_config(None, {"estimator": "pathwise", "baseline": "moving_average"})
 
 def test_fallback_to_query_anchor_is_logged(tone_data, supervised, tmp_path):
     query_encoder, _ = make_test_encoders()
@@ -157,10 +159,11 @@ def test_exact_resume_after_kill(tone_data, supervised, tmp_path):
     assert ha == hb and len(ha) == 8
 
 
-def test_gloo_two_processes_end_identical(tone_data, supervised, tmp_path):
+@pytest.mark.parametrize("estimator", ["score_function", "pathwise"])
+def test_gloo_two_processes_end_identical(tone_data, supervised, tmp_path, estimator):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER),
            str(tone_data), str(supervised), str(tmp_path / "ddp"), "4"]
-    proc = subprocess.run(cmd, env=_env(TEST_CHECKPOINT_EVERY="4"), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=_env(TEST_CHECKPOINT_EVERY="4", TEST_ESTIMATOR=estimator), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = load_file(str(tmp_path / "ddp" / "rank0.safetensors"))
     r1 = load_file(str(tmp_path / "ddp" / "rank1.safetensors"))

@@ -56,13 +56,15 @@ def main() -> None:
     checkpoint_every = int(os.environ.get("TEST_CHECKPOINT_EVERY", "5"))
     ppo_epochs = int(os.environ.get("TEST_PPO_EPOCHS", "1"))
     baseline = os.environ.get("TEST_BASELINE", "group")
+    estimator = os.environ.get("TEST_ESTIMATOR", "score_function")
 
     def on_step_end(step: int) -> None:
         if kill_after and step == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)  # a real kill: no cleanup
 
     query_encoder, reward_encoder = make_test_encoders()
-    config = rl_config(data, init_model, max_steps, checkpoint_every=checkpoint_every, ppo_epochs=ppo_epochs, baseline=baseline)
+    config = rl_config(data, init_model, max_steps, checkpoint_every=checkpoint_every, ppo_epochs=ppo_epochs, baseline=baseline,
+                       estimator=estimator)
     result = train_rl(config, run, encoder=query_encoder, reward_encoder=reward_encoder, device="cpu", progress=False, on_step_end=on_step_end)
     if "RANK" in os.environ:
         from safetensors.torch import save_file

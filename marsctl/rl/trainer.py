@@ -161,6 +161,8 @@ class RLConfig(TrainingLoopConfig):
             raise ConfigError(f"baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
         if self.estimator not in ESTIMATORS:
             raise ConfigError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+        if self.estimator == "pathwise" and self.baseline == "moving_average":
+            raise ConfigError("baseline 'moving_average' belongs to the score_function estimator; the pathwise gradient uses no baseline")
         if self.surrogate not in SURROGATES:
             raise ConfigError(f"surrogate must be one of {', '.join(SURROGATES)}, got {self.surrogate!r}")
         if not 0 < self.clip_eps < 1:
