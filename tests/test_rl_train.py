@@ -182,7 +182,10 @@ def test_cli_help_and_bad_input(tmp_path):
 
     runner = CliRunner()
     result = runner.invoke(app, ["train", "rl", "--help"])
-    assert result.exit_code == 0 and "--group-size" in result.output and "--ppo-epochs" in result.output
+    assert result.exit_code == 0 and "--group-size" in result.output and "--ppo-epochs" in result.output and "--estimator" in result.output
+    result = runner.invoke(app, ["train", "rl", "--init-model", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                                 "--estimator", "reinforce"])
+    assert result.exit_code != 0 and "estimator must be one of" in result.output
     result = runner.invoke(app, ["train", "rl", "--init-model", str(tmp_path / "nope"), "--data", str(tmp_path), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "nope" in result.output
     result = runner.invoke(app, ["train", "rl", "--data", str(tmp_path), "--out", str(tmp_path / "o")])
@@ -190,8 +193,9 @@ def test_cli_help_and_bad_input(tmp_path):
 
 
 def test_cli_procs_two_relaunches_under_torchrun(tone_data, tmp_path):
-    """`marsctl train rl --procs 2` re-launches itself under torch.distributed.run (gloo), loading the
-    starting model's own encoder (the offline built-in one) by its spec, and trains."""
+    """`marsctl train rl --procs 2 --estimator pathwise` re-launches itself under torch.distributed.run
+    (gloo), passing its options on, loading the starting model's own encoder (the offline built-in one,
+    differentiable, so the semantic reward works with the pathwise gradient) by its spec, and trains."""
     from marsctl.train.supervised import ArchitectureConfig, SupervisedConfig, train_supervised
     from marsctl.config import SignalConfig
 
@@ -204,7 +208,7 @@ def test_cli_procs_two_relaunches_under_torchrun(tone_data, tmp_path):
     recipe = tmp_path / "rl.yaml"
     recipe.write_text("batch_size: 2\ngroup_size: 2\nmax_steps: 2\nwarmup_steps: 1\nval_every: 2\nval_mixtures: 1\ncheckpoint_every: 2\nnum_workers: 0\n")
     cmd = [sys.executable, "-m", "marsctl", "train", "rl", "--recipe", str(recipe), "--init-model", str(tmp_path / "sup"),
-           "--data", str(tone_data), "--out", str(tmp_path / "rl"), "--procs", "2"]
+           "--data", str(tone_data), "--out", str(tmp_path / "rl"), "--procs", "2", "--estimator", "pathwise"]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "launching 2 process(es)" in proc.stdout
@@ -212,4 +216,5 @@ def test_cli_procs_two_relaunches_under_torchrun(tone_data, tmp_path):
     assert list_checkpoints(tmp_path / "rl") == [2]
     loaded = load_separator(tmp_path / "rl")
     assert loaded.config["training"]["stage"] == "rl" and loaded.config["training"]["step"] == 2
+    assert loaded.config["training"]["estimator"] == "pathwise"
     assert loaded.encoder == "builtin"

@@ -36,6 +36,7 @@ def rl(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Mixtures per step and process."),
     learning_rate: Optional[float] = typer.Option(None, "--lr", help="Peak AdamW learning rate (default 2e-4)."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="'group' (advantages centred on the group mean) or 'moving_average' (the paper's beta = 0.92 baseline)."),
+    estimator: Optional[str] = typer.Option(None, "--estimator", help="'score_function' (the paper's clipped surrogate; any reward) or 'pathwise' (rewards differentiated through reparameterized masks; measured to work far better, needs differentiable rewards). See BENCHMARKS.md section 5."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for mixing, targets and mask sampling."),
     num_workers: Optional[int] = NUM_WORKERS_OPTION,
     device: Optional[str] = DEVICE_OPTION,
@@ -73,14 +74,14 @@ def rl(
                 ["train", "rl", "--out", str(out)],
                 [("--init-model", init_model), ("--data", data), ("--recipe", recipe), ("--reward-encoder", reward_encoder),
                  ("--encoder", encoder), ("--group-size", group_size), ("--ppo-epochs", ppo_epochs), ("--max-steps", max_steps),
-                 ("--batch-size", batch_size), ("--lr", learning_rate), ("--baseline", baseline), ("--seed", seed),
+                 ("--batch-size", batch_size), ("--lr", learning_rate), ("--baseline", baseline), ("--estimator", estimator), ("--seed", seed),
                  ("--num-workers", num_workers)],
                 device, resume,
             )
             if node_rank == 0:  # --reuse / --push-to / provenance.json: once, from the launching process of node 0
                 _rl_stage(recipe, out, lambda: launch.run(child), push_to, reuse, init_model=init_model, data=data,
                           reward_encoder=reward_encoder, encoder=encoder, group_size=group_size, ppo_epochs=ppo_epochs,
-                          max_steps=max_steps, batch_size=batch_size, learning_rate=learning_rate, baseline=baseline,
+                          max_steps=max_steps, batch_size=batch_size, learning_rate=learning_rate, baseline=baseline, estimator=estimator,
                           seed=seed, world_size=launch.world_size)
             else:
                 launch.run(child)
@@ -96,6 +97,7 @@ def rl(
             "batch_size": batch_size,
             "learning_rate": learning_rate,
             "baseline": baseline,
+            "estimator": estimator,
             "seed": seed,
             "num_workers": num_workers,
         }
