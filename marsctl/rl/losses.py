@@ -37,7 +37,7 @@ import dataclasses
 
 import torch
 
-from marsctl.metrics.separation import segment_index
+from marsctl.metrics.separation import segment_index, segment_sums
 from marsctl.models.policy import BetaMaskPolicy
 
 DEFAULT_CLIP_EPS = 0.2
@@ -57,10 +57,16 @@ class PolicyLoss:
     stats: dict[str, float]
 
 
-def bin_averaged_ratio(new_log_prob: torch.Tensor, old_log_prob: torch.Tensor, bin_dims: int = 2) -> torch.Tensor:
-    """r = mean over the last ``bin_dims`` axes (f, t) of exp(log pi_theta - log pi_old), per bin first."""
+def bin_averaged_ratio(new_log_prob: torch.Tensor, old_log_prob: torch.Tensor, bin_dims: int = 2, segments: int | None = None) -> torch.Tensor:
+    """r = mean over the last ``bin_dims`` axes (f, t) of exp(log pi_theta - log pi_old), per bin first.
+
+    With ``segments`` K: one mean per consecutive segment of the last (frame) axis, ``[..., K]``."""
     rho = torch.exp(new_log_prob - old_log_prob)  # rho_{g,b,f,t}
-    return rho.mean(dim=tuple(range(-bin_dims, 0)))  # r_{g,b} = mean_{f,t} rho
+    if segments is None:
+        return rho.mean(dim=tuple(range(-bin_dims, 0)))  # r_{g,b} = mean_{f,t} rho
+    frame_sums = rho.sum(dim=tuple(range(-bin_dims, -1))) if bin_dims > 1 else rho  # sum_f rho, [..., T]
+    bins_per_segment = segment_sums(rho.new_ones(rho.shape[-1]), segments) * rho.shape[-bin_dims:-1].numel()  # F x frames in k
+    return segment_sums(frame_sums, segments) / bins_per_segment  # r_{..., k} = mean over segment k's bins
 
 
 def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, clip_eps: float = DEFAULT_CLIP_EPS) -> torch.Tensor:
@@ -134,21 +140,17 @@ def policy_loss(
     advantages = advantages.detach().float()
     if surrogate not in SURROGATES:
         raise ValueError(f"surrogate must be one of {', '.join(SURROGATES)}, got {surrogate!r}")
-    rho = torch.exp(new_log_prob - old_log_prob)  # rho_{g,b,f,t}
-    if advantages.ndim == 3:  # segment advantages A_{g,b,k}: k(t) = the segment of frame t
-        segments = segment_index(masks.shape[-1], advantages.shape[-1], masks.device)
-        one_hot = torch.nn.functional.one_hot(segments, advantages.shape[-1]).to(rho.dtype)  # [T, K]
-        bins_per_segment = one_hot.sum(0) * rho[0, 0, ..., 0].numel()  # F x frames in segment k
-        ratio = torch.einsum("gb...t,tk->gbk", rho, one_hot) / bins_per_segment  # r_{g,b,k} = mean over segment k's bins
-        advantages_per_frame = advantages[..., segments].unsqueeze(-2)  # A_{g,b,k(t)}, broadcast over f
-    else:
-        ratio = rho.mean(dim=tuple(range(-bin_dims, 0)))  # r = mean_{f,t} rho
-        advantages_per_frame = advantages
+    segments = advantages.shape[-1] if advantages.ndim == 3 else None  # segment advantages A_{g,b,k}
+    # r = mean_{f,t} rho (or r_{g,b,k}: the mean over segment k's bins)
+    ratio = bin_averaged_ratio(new_log_prob, old_log_prob, bin_dims, segments)
     if surrogate == "bin_mean":
         clipped_term = clipped_surrogate(ratio, advantages, clip_eps)  # -mean min(r A, clip(r) A)
         clip_fraction = ((ratio.detach() - 1.0).abs() > clip_eps).float().mean()
     else:
-        clipped_term = per_bin_clipped_surrogate(rho, advantages_per_frame, clip_eps)  # -mean min(rho A, clip(rho) A)
+        rho = torch.exp(new_log_prob - old_log_prob)  # rho_{g,b,f,t}
+        if segments is not None:  # A_{g,b,k(t)} for the bins of frame t, broadcast over f
+            advantages = advantages[..., segment_index(masks.shape[-1], segments, masks.device)].unsqueeze(-2)
+        clipped_term = per_bin_clipped_surrogate(rho, advantages, clip_eps)  # -mean min(rho A, clip(rho) A)
         clip_fraction = ((rho.detach() - 1.0).abs() > clip_eps).float().mean()
     entropy = policy.entropy().mean()  # H(pi_theta), mean per bin
     kl_ref = policy.kl_divergence(reference).mean() if reference is not None else torch.zeros((), device=masks.device)

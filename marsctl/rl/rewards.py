@@ -116,22 +116,17 @@ def energy_guard_reward(batch: RewardBatch) -> torch.Tensor:
         est_power = spectrogram.stft(estimates).abs().square()  # |Y|^2
         mix_power = batch.mixture_power if batch.mixture_power is not None else spectrogram.stft(mixtures).abs().square()  # |X|^2
         k = batch.segments
-        if k > 1:  # per segment of frames / samples
-            mix_energy = segment_sums(mix_power.sum(-2), k) + ENERGY_FLOOR
-            excess = segment_sums((est_power - mix_power).clamp_min(0).sum(-2), k) / mix_energy
-        else:
-            mix_energy = mix_power.sum(dim=(-2, -1)) + ENERGY_FLOOR
-            excess = (est_power - mix_power).clamp_min(0).sum(dim=(-2, -1)) / mix_energy  # E_excess
+
+        def over_time(values: torch.Tensor) -> torch.Tensor:  # sum over the last (frame/sample) axis, per segment when K > 1
+            return segment_sums(values, k) if k > 1 else values.sum(-1)
+
+        mix_energy = over_time(mix_power.sum(-2)) + ENERGY_FLOOR
+        excess = over_time((est_power - mix_power).clamp_min(0).sum(-2)) / mix_energy  # E_excess
         if batch.residuals is None:
             consistency = torch.zeros_like(excess)  # r = x - y_hat: target + residual = x exactly
         else:
             error = (mixtures - (estimates + batch.residuals.float())).square()
-            mixture_energy = mixtures.square()
-            if k > 1:
-                error, mixture_energy = segment_sums(error, k), segment_sums(mixture_energy, k)
-            else:
-                error, mixture_energy = error.sum(-1), mixture_energy.sum(-1)
-            consistency = error / (mixture_energy + ENERGY_FLOOR)  # E_consistency
+            consistency = over_time(error) / (over_time(mixtures.square()) + ENERGY_FLOOR)  # E_consistency
     return -(excess + consistency.expand_as(excess))
 
 

@@ -130,8 +130,9 @@ class RLConfig(TrainingLoopConfig):
     #: reparameterized gradient of the same objective, d/dtheta mean_g R(M_g(theta)) with
     #: M_g = Beta.rsample (an extension; needs every weighted reward term differentiable in the
     #: estimate: si_sdr and energy_guard are, the semantic terms are with the built-in encoder but
-    #: not with LAION-CLAP, whose audio features are computed without gradients). On ~10^5 independent Beta bins per clip the score-function gradient is close to
-    #: noise (BENCHMARKS.md, "RL gradient quality"); the pathwise one is not.
+    #: not with LAION-CLAP, whose audio features are computed without gradients). Over the ~3·10^4
+    #: independent Beta bins of a 2 s clip the score-function gradient is close to noise
+    #: (BENCHMARKS.md section 5, bench/rl_gradient_quality.py); the pathwise one is not.
     estimator: str = "score_function"
     #: lambda_H (entropy bonus). The paper's 0.1 is the default; note that with per-bin means for
     #: both the ratio and the entropy, the entropy gradient is coherent over bins while the policy
@@ -358,11 +359,10 @@ def rl_update(
         mixture_stft, _, _ = model.analyze(mixture)  # X_b
         reference_policy = None  # lambda_KL = 0: no reference pass at all
         if config.kl_coef != 0:
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                reference_policy = reference.policy(reference(mixture, query))  # pi_ref
-    with timer("policy_forward"), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        logits = train_model(mixture, query)  # z = f_theta(x, q): one forward pass per mixture
-    policy = model.policy(logits)  # pi_theta: alpha = 1 + kappa P, beta = 1 + kappa (1 - P)
+            reference_policy = _forward_policy(reference, reference, mixture, query, device, use_bf16)  # pi_ref
+    with timer("policy_forward"):
+        # z = f_theta(x, q), one forward pass per mixture; pi_theta: alpha = 1 + kappa P, beta = 1 + kappa (1 - P)
+        policy = _forward_policy(model, train_model, mixture, query, device, use_bf16)
     if config.estimator == "pathwise":
         return _pathwise_update(model, train_model, policy, reference_policy, reward_model, optimizer, config, mixture_stft, mixture,
                                 query, target, labels, sample_seed, device, use_bf16, timer)
@@ -382,7 +382,7 @@ def rl_update(
     for epoch in range(config.ppo_epochs):
         with timer("loss_backward_step"):
             if epoch > 0:
-                policy = _current_policy(model, train_model, mixture, query, device, use_bf16)
+                policy = _forward_policy(model, train_model, mixture, query, device, use_bf16)
             # L = -mean min(r A, clip(r, 1 +- eps) A) - lambda_H H + lambda_KL KL(pi_theta || pi_ref)
             out = policy_loss(
                 policy, old_policy, reference_policy, samples.masks, advantages, config.clip_eps,
@@ -392,10 +392,11 @@ def rl_update(
     return UpdateResult(samples=samples, advantages=advantages, epoch_stats=epoch_stats)
 
 
-def _current_policy(model, train_model, mixture, query, device, use_bf16) -> BetaMaskPolicy:
-    """pi_theta of the current parameters (a new forward pass, for PPO epochs after the first)."""
+def _forward_policy(separator: Separator, forward: torch.nn.Module, mixture, query, device, use_bf16) -> BetaMaskPolicy:
+    """The Beta policy of ``separator`` for these mixtures and queries: one forward pass of
+    ``forward`` (the separator itself or its DDP wrapper) under bf16 autocast when asked."""
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        return model.policy(train_model(mixture, query))
+        return separator.policy(forward(mixture, query))
 
 
 def _apply_gradient(model, optimizer, loss: torch.Tensor, grad_clip_norm: float) -> float:
@@ -412,18 +413,18 @@ def _pathwise_update(model, train_model, policy, reference_policy, reward_model,
     """``estimator: pathwise``: theta <- AdamW(grad of -mean_g R(M_g(theta)) - lambda_H H + lambda_KL KL),
     M_g = rsample (fresh on-policy samples each epoch). Advantages are computed for the log only."""
     fork = [device] if device.type == "cuda" else []
+    mixture_power = mixture_stft.abs().square()  # |X|^2, for the energy guard
     epoch_stats: list[dict[str, float]] = []
     for epoch in range(config.ppo_epochs):
         with timer("loss_backward_step"):
             if epoch > 0:
-                policy = _current_policy(model, train_model, mixture, query, device, use_bf16)
+                policy = _forward_policy(model, train_model, mixture, query, device, use_bf16)
             with torch.random.fork_rng(devices=fork):
                 torch.manual_seed(sample_seed + epoch)
                 masks = policy.rsample(config.group_size)  # M_g = g(eps_g; alpha(theta), beta(theta))
             estimates = model.synthesize(masks, mixture_stft, mixture.shape[-1])  # y_g(theta)
             start = time.perf_counter()
-            rewards, terms, source = reward_model.score(estimates, mixture, labels, query, target, mixture_stft.abs().square(),
-                                                        differentiable=True)
+            rewards, terms, source = reward_model.score(estimates, mixture, labels, query, target, mixture_power, differentiable=True)
             reward_seconds = time.perf_counter() - start
             out = pathwise_loss(policy, reference_policy, rewards, config.entropy_coef, config.kl_coef)
             epoch_stats.append({**out.stats, "grad_norm": _apply_gradient(model, optimizer, out.loss, config.grad_clip_norm)})
