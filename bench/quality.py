@@ -7,8 +7,8 @@ skips finished stages and resumes unfinished ones):
 
 1. **data**: ``marsctl data build soundfont`` (instruments rendered from real folk melodies,
    train melodies disjoint from test melodies) and, for ``debian-sfx``,
-   ``bench/sfx_prepare.py`` (real sound effects from Debian game data packages, split by
-   recording group) then ``marsctl data build recipes/data/debian-sfx.yaml``.
+   ``marsctl data build debian-sfx`` (real sound effects from Debian game data packages, split by
+   recording group; the ``debian`` source downloads and unpacks the packages).
 2. **align**: ``marsctl align --encoder builtin --stages 1,2 --recipe bench/recipes/align-bench.yaml``
    on the set's train split: the one encoder used for the queries, the RL reward, best-of-N
    re-ranking and the CLAP-style score (LAION-CLAP cannot be downloaded on an offline box;
@@ -20,9 +20,9 @@ skips finished stages and resumes unfinished ones):
 5. **eval** on the first ``--test-mixtures`` fixed test mixtures of the set (the same mixtures,
    the same text queries = class labels, the same seeds for every system):
    ``mixture`` (the unprocessed mix), ``oracle-irm``, ``supervised`` (mode = P), ``rl`` (mode),
-   ``rl best-of-N`` (:func:`marsctl.rl.decode.best_of_n_separate` per chunk, seeded);
+   ``rl best-of-N`` (:func:`marsctl.separate.decode.best_of_n_separate` per chunk, seeded);
    SDR/SIR/SAR/SI-SDR/SI-SDRi/STFT distance/CLAP score per source, scored with
-   :mod:`marsctl.evaluation`'s scorer; mean +- SE overall and per class.
+   :mod:`marsctl.eval`'s scoring path; mean +- SE overall and per class.
 
 Outputs: ``<work>/<set>/eval/rows.json`` (one row per system x source), ``summary.json`` and
 ``<work>/quality.md`` (the tables for BENCHMARKS.md, with the issue's targets and the gaps).
@@ -82,12 +82,16 @@ def build_data(name: str, work: Path, sfx_cache: Path | None, sfx_debs: Path | N
     if name == "soundfont":
         run(marsctl("data", "build", "soundfont", "--out", str(data), "--quiet"))
     elif name == "debian-sfx":
-        prep = [sys.executable, str(ROOT / "bench/sfx_prepare.py"), "--out", str(work / "debian-sfx-files"), "--quiet"]
-        prep += ["--cache", str(sfx_cache)] if sfx_cache else []
-        prep += ["--debs", str(sfx_debs)] if sfx_debs else []
-        run(prep)
-        run(marsctl("data", "build", str(ROOT / "recipes/data/debian-sfx.yaml"), "--root", str(work / "debian-sfx-files" / "audio"),
-                    "--out", str(data), "--quiet"))
+        recipe = ROOT / "recipes/data/debian-sfx.yaml"
+        if sfx_cache or sfx_debs:  # the recipe's debian section says where the packages are
+            import yaml
+
+            spec = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+            spec["debian"].update({"cache_dir": str(sfx_cache) if sfx_cache else None, "debs": str(sfx_debs) if sfx_debs else None})
+            recipe = work / "debian-sfx.yaml"
+            work.mkdir(parents=True, exist_ok=True)
+            recipe.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+        run(marsctl("data", "build", str(recipe), "--out", str(data), "--quiet"))
     else:
         raise SystemExit(f"unknown benchmark set {name!r}; expected one of {', '.join(SETS)}")
     return data
@@ -149,11 +153,12 @@ def evaluate(data: Path, sup_dir: Path, rl_dir: Path, encoder_dir: Path, clap_sp
     from rich.progress import Progress
 
     from marsctl.audio import Spectrogram, overlap_add
-    from marsctl.evaluation import QueryMaker, _score, load_test_mixtures, oracle_irm
+    from marsctl.eval.model import ClapScorer, load_test_mixtures, oracle_irm, score_mixture
+    from marsctl.queries import QueryBuilder
     from marsctl.models.encoders import load_encoder
     from marsctl.models.separator import load_separator
-    from marsctl.rl.decode import best_of_n_separate
-    from marsctl.separation import SeparateOptions, separate_waveform
+    from marsctl.separate.decode import best_of_n_separate
+    from marsctl.separate import SeparateOptions, separate_waveform
 
     rows_path = out / "rows.json"
     if rows_path.is_file():
@@ -165,18 +170,11 @@ def evaluate(data: Path, sup_dir: Path, rl_dir: Path, encoder_dir: Path, clap_sp
     clap = load_encoder(clap_spec) if clap_spec else encoder
     signal = sup.model.config.signal
     spectrogram = Spectrogram(signal).double()
-    queries = QueryMaker(encoder, data, "test", signal.sample_rate)
+    queries = QueryBuilder(encoder, data, signal.sample_rate, split="test")
     options = SeparateOptions()
     mixtures = load_test_mixtures(data, "test", limit)
-    clap_text: dict[str, torch.Tensor] = {}
+    clap_of = ClapScorer(clap, signal.sample_rate)
     rows: list[dict] = []
-
-    def clap_of(labels, estimates):
-        for label in labels:
-            if label not in clap_text:
-                clap_text[label] = clap.embed_text([label])[0].float().cpu()
-        audio = clap.embed_audio([e.float() for e in estimates], signal.sample_rate).float().cpu()
-        return torch.stack([clap_text[label] for label in labels]), audio
 
     def best_of_n(model, mixture, vectors, mixture_index):
         def process(chunks):  # [N, chunk] -> [N, K, chunk]
@@ -190,7 +188,7 @@ def evaluate(data: Path, sup_dir: Path, rl_dir: Path, encoder_dir: Path, clap_sp
         task = bar.add_task("evaluating", total=len(mixtures))
         for index, mix in enumerate(mixtures):
             mixture = torch.from_numpy(mix.mixture)
-            vectors = torch.stack([queries.text(label) for label in mix.labels])
+            vectors = torch.stack([queries.source("text", label, "", ()) for label in mix.labels])
             systems = {
                 "mixture": mixture.unsqueeze(0).expand(len(mix.labels), -1),
                 "oracle-irm": oracle_irm(mixture.double(), torch.from_numpy(mix.sources).double(), spectrogram).float(),
@@ -198,17 +196,18 @@ def evaluate(data: Path, sup_dir: Path, rl_dir: Path, encoder_dir: Path, clap_sp
                 "rl": separate_waveform(rl.model, mixture, vectors, options, seed=seed + index),
                 "rl best-of-N": best_of_n(rl.model, mixture, vectors, index),
             }
-            for system, estimates in systems.items():
-                for row in _score(system, "text" if system not in ("mixture", "oracle-irm") else "-", mix, estimates,
-                                  *clap_of(mix.labels, estimates), signal):
-                    rows.append({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
+            scored = score_mixture(mix, [(system, "text" if system not in ("mixture", "oracle-irm") else "-", estimates)
+                                         for system, estimates in systems.items()], clap_of, signal)
+            for row in scored:
+                rows.append({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
             bar.advance(task)
     write_json_atomic(rows_path, {"key": [str(sup_dir), str(rl_dir), limit, best_of, seed, clap_spec], "rows": rows})
     return rows
 
 
 def report(name: str, rows: list[dict], settings: dict) -> tuple[str, dict]:
-    from marsctl.evaluation import markdown_table, summarize
+    from marsctl.eval.model import summarize
+    from marsctl.eval.tables import markdown_table
 
     clean = [{k: (math.nan if v is None else v) for k, v in r.items()} for r in rows]
     overall, per_class = summarize(clean), summarize(clean, by_label=True)
@@ -245,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-mixtures", type=int, default=50, help="the first N fixed test mixtures of each set")
     parser.add_argument("--clap-encoder", default=None, help="encoder for the CLAP score (default: the aligned encoder)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sfx-cache", type=Path, default=None, help="bench/sfx_prepare.py --cache")
-    parser.add_argument("--sfx-debs", type=Path, default=None, help="bench/sfx_prepare.py --debs")
+    parser.add_argument("--sfx-cache", type=Path, default=None, help="debian-sfx: where the .deb files are downloaded and unpacked")
+    parser.add_argument("--sfx-debs", type=Path, default=None, help="debian-sfx: a folder that already holds the .deb files")
     args = parser.parse_args(argv)
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)

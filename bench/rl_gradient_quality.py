@@ -46,7 +46,7 @@ def main() -> None:
     from marsctl.models.encoders import load_encoder
     from marsctl.models.separator import load_separator
     from marsctl.train.data import collate, mixing_dataset
-    from marsctl.train.supervised import QueryBuilder, SupervisedConfig
+    from marsctl.queries import QueryBuilder
 
     torch.manual_seed(args.seed)
     loaded = load_separator(args.model)
@@ -56,9 +56,9 @@ def main() -> None:
     data = Path(args.data)
     dataset = mixing_dataset(data, "train", signal, 2, seed=args.seed)
     batch = collate([dataset[i] for i in range(args.batch_size)])
-    queries = QueryBuilder(load_encoder(loaded.encoder), SupervisedConfig(data=str(data), signal=signal, query_modalities=["text"]), data)
+    queries = QueryBuilder(load_encoder(loaded.encoder), data, signal.sample_rate, modalities=["text"])
     generator = torch.Generator().manual_seed(args.seed)
-    query = queries(batch, generator)[:, 0]  # each mixture's first source is the target
+    query = queries.batch(batch, generator)[:, 0]  # each mixture's first source is the target
     target, mixture = batch["sources"][:, 0], batch["mixture"]
     with torch.no_grad():
         stft, _, _ = model.analyze(mixture)

@@ -5,7 +5,7 @@ Both steps see the same batch of B mixtures and the same separator size:
 * supervised step (``marsctl train sup``'s loop body): STFT of the mixture and its S
   sources, one U-Net forward pass shared by the S source queries, OmniSep's weighted BCE,
   backward, gradient clipping, AdamW;
-* RL step (:func:`marsctl.rl.trainer.rl_update`, the loop body of ``marsctl train rl``):
+* RL step (:func:`marsctl.rl.update.rl_update`, the loop body of ``marsctl train rl``):
   one forward pass per mixture (one target query each), the frozen reference's forward
   pass, G masks sampled from that pass, G*B inverse STFTs, all G*B estimates through the
   reward encoder in one batch, the rewards, the policy loss, backward, clipping, AdamW.
@@ -31,7 +31,6 @@ depend on whether it was aligned); pass ``--encoder DIR`` for an aligned encoder
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import statistics
@@ -42,7 +41,9 @@ import torch
 from marsctl.config import SignalConfig
 from marsctl.models.separator import Separator, SeparatorConfig
 from marsctl.rl.rewards import reward_functions
-from marsctl.rl.trainer import PhaseTimer, RewardModel, RLConfig, load_rl_config, rl_update
+from marsctl.rl.config import RLConfig, load_rl_config
+from marsctl.rl.rollout import PhaseTimer, RewardModel
+from marsctl.rl.update import rl_update
 from marsctl.train.supervised import weighted_bce_mask_loss
 
 LABELS = ["dog barking", "violin", "piano", "rain", "engine idling", "people speaking", "flute", "siren"]
@@ -85,7 +86,7 @@ def main() -> None:
     reference.load_state_dict(rl_model.state_dict())
     sizes = {"init_model": "bench", "data": "bench", "batch_size": args.batch_size, "group_size": args.group_size, "ppo_epochs": args.ppo_epochs}
     rl_config = load_rl_config(args.recipe, sizes) if args.recipe else RLConfig(**sizes)
-    reward_model = RewardModel(encoder, reward_functions(rl_config.rewards), signal, same_space_as_queries=True)
+    reward_model = RewardModel(encoder, reward_functions(rl_config.rewards), signal, same_space_as_queries=True, config=rl_config.rewards)
     use_bf16 = device.type == "cuda"
 
     B, S, T = args.batch_size, args.num_sources, args.segment_samples
@@ -155,7 +156,7 @@ def main() -> None:
         "ppo_epochs": args.ppo_epochs,
         "recipe": args.recipe,
         "estimator": rl_config.estimator,
-        "reward_weights": dataclasses.asdict(rl_config.rewards.weights),
+        "reward_weights": dict(rl_config.rewards.weights),
         "segment_samples": T,
         "timed_pairs": args.steps,
         "supervised_step_s": sup_median,

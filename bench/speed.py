@@ -7,7 +7,7 @@ Sections (``--only`` picks some):
 * ``mixing``: :class:`marsctl.data.mixing.DynamicMixDataset` items per second (one process,
   reading the FLAC clips from disk, 2-source OmniSep mixing, the training window).
 * ``separation``: seconds of audio separated per second of wall time
-  (:func:`marsctl.separation.separate_waveform`: chunked overlap-add, batch 8, mode decoding,
+  (:func:`marsctl.separate.separate_waveform`: chunked overlap-add, batch 8, mode decoding,
   one query) for the paper-size separator (7-level U-Net, 32 base channels, 4.1 s window) and
   the small CPU one (16 channels, 2 s window); weights are random unless ``--model`` is given
   (throughput does not depend on the weights). CPU, and CUDA when available.
@@ -116,7 +116,7 @@ def _models(model_dirs: list[str], query_dim: int, device: str):
 
 
 def bench_separation(model_dirs: list[str], seconds: float, devices: list[str], batch_size: int) -> list[dict]:
-    from marsctl.separation import SeparateOptions, separate_waveform
+    from marsctl.separate import SeparateOptions, separate_waveform
 
     wave = torch.from_numpy(test_signal(seconds))
     rows = []

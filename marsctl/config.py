@@ -18,17 +18,75 @@ from marsctl.errors import ConfigError
 T = TypeVar("T")
 
 
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    default_factory: Any = dataclasses.MISSING,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    choices: tuple | None = None,
+) -> Any:
+    """A config field with its valid values, checked by :func:`validate_fields` (one place for
+    the range and choice checks every stage's config needs)::
+
+        steps: int = setting(100, ge=1)
+        clip_eps: float = setting(0.2, gt=0, lt=1)
+        baseline: str = setting("group", choices=("group", "moving_average"))
+
+    ``None`` is always accepted for an optional field (``Optional[...] = setting(None, gt=0)``).
+    """
+    rules = {k: v for k, v in {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices}.items() if v is not None}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"rules": rules})
+
+
+_RULE_TEXT = {"ge": ">= {}", "gt": "> {}", "le": "<= {}", "lt": "< {}"}
+_RULE_CHECK = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda v, b: v <= b, "lt": lambda v, b: v < b}
+
+
+def validate_fields(config: Any) -> None:
+    """Check every field declared with :func:`setting`; the first violation is one
+    :class:`ConfigError` naming the field, the rule and the value. A subclass that only
+    redeclares a field's default keeps the base class's rules for it."""
+    declared: dict[str, dict] = {}
+    for cls in type(config).__mro__:
+        for f in getattr(cls, "__dataclass_fields__", {}).values():
+            if f.metadata.get("rules") and f.name not in declared:
+                declared[f.name] = f.metadata["rules"]
+    for f in dataclasses.fields(config):
+        rules = declared.get(f.name)
+        value = getattr(config, f.name)
+        if not rules or value is None:
+            continue
+        choices = rules.get("choices")
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        bounds = [(name, bound) for name, bound in rules.items() if name != "choices"]
+        if bounds and not all(_RULE_CHECK[name](value, bound) for name, bound in bounds):
+            wanted = " and ".join(_RULE_TEXT[name].format(bound) for name, bound in bounds)
+            raise ConfigError(f"{f.name} must be {wanted}, got {value!r}")
+
+
+class ValidatedConfig:
+    """Base of the stage configs: ``__post_init__`` checks the :func:`setting` rules.
+    A subclass with cross-field checks defines ``__post_init__`` and calls ``super().__post_init__()``."""
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+
 @dataclasses.dataclass(frozen=True)
-class SignalConfig:
+class SignalConfig(ValidatedConfig):
     """Signal conventions of OmniSep/CLIPSep, so that numbers are comparable with theirs."""
 
-    sample_rate: int = 16_000
+    sample_rate: int = setting(16_000, gt=0)
     #: training window in samples (about 4.1 s at 16 kHz)
     segment_samples: int = 65_535
     n_fft: int = 1024
-    hop_length: int = 256
+    hop_length: int = setting(256, ge=1)
     #: number of log-frequency bins the linear STFT bins are warped onto
-    n_log_bins: int = 256
+    n_log_bins: int = setting(256, ge=2)
     #: two-source mixtures: each source is multiplied by this gain and the results summed
     mix_source_gain: float = 0.5
 
@@ -37,12 +95,9 @@ class SignalConfig:
         return self.n_fft // 2 + 1
 
     def __post_init__(self) -> None:
-        if self.sample_rate <= 0:
-            raise ConfigError(f"sample_rate must be positive, got {self.sample_rate}")
-        if self.hop_length <= 0 or self.hop_length > self.n_fft:
+        super().__post_init__()
+        if self.hop_length > self.n_fft:
             raise ConfigError(f"hop_length must be in 1..n_fft, got {self.hop_length}")
-        if self.n_log_bins < 2:
-            raise ConfigError(f"n_log_bins must be at least 2, got {self.n_log_bins}")
 
 
 def from_mapping(cls: type[T], data: Mapping[str, Any] | None, where: str = "config") -> T:
@@ -112,13 +167,15 @@ def load_recipe(cls: type[T], path: str | Path | None, overrides: Mapping[str, A
     """A stage's config from a YAML recipe (or the defaults), with command-line overrides.
 
     ``None`` override values are ignored (options the user did not give). Errors name the
-    recipe file.
+    recipe file. ``path`` may also name a shipped training recipe (``soundfont-small``).
     """
     import yaml
 
+    from marsctl.recipe_paths import find_recipe
+
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        path = find_recipe("train", path)
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError) as exc:

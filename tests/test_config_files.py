@@ -34,7 +34,7 @@ def test_from_mapping_reads_numbers_yaml_leaves_as_text():
 
     # YAML 1.1 reads 5e-4 (no dot) as a string; a recipe with it must still work
     config = from_mapping(RLConfig, {"learning_rate": "5e-4", "max_steps": 10.0, "kappa": 30, "rewards": {"weights": {"si_sdr": 1}}})
-    assert (config.learning_rate, config.max_steps, config.kappa, config.rewards.weights.si_sdr) == (5e-4, 10, 30.0, 1.0)
+    assert (config.learning_rate, config.max_steps, config.kappa, config.rewards.weights["si_sdr"]) == (5e-4, 10, 30.0, 1.0)
     assert isinstance(config.max_steps, int) and isinstance(config.kappa, float)
     with pytest.raises(ConfigError, match=r"r\.yaml: learning_rate must be a number, got 'fast'"):
         from_mapping(RLConfig, {"learning_rate": "fast"}, "r.yaml")
@@ -62,3 +62,35 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(ValueError):
         write_json_atomic(target, {"bad": float("nan")})
     assert '"k": 1' in target.read_text()  # the old file is untouched
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test, then put the old one back."""
+    import os
+
+    old = os.umask(0o022)
+    yield lambda mask: os.umask(mask)
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750), (0o002, 0o664, 0o775)])
+def test_written_files_follow_the_umask(tmp_path, umask, mask, file_mode, dir_mode):
+    """Before: every atomic write was 0600 (mkstemp's mode), whatever the umask."""
+    import os
+    import stat
+
+    import numpy as np
+
+    from marsctl.audio import save_audio
+    from marsctl.files import current_umask, make_temp_dir, write_text_atomic
+
+    umask(mask)
+    assert current_umask() == mask
+    write_json_atomic(tmp_path / "card.json", {"k": 1})
+    write_text_atomic(tmp_path / "notes.md", "hello")
+    save_audio(tmp_path / "clip.flac", np.zeros(1600, dtype=np.float32), 16000)
+    for name in ("card.json", "notes.md", "clip.flac"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == file_mode, name
+    folder = make_temp_dir(tmp_path, ".frames.")
+    assert stat.S_IMODE(os.stat(folder).st_mode) == dir_mode

@@ -199,3 +199,38 @@ def test_default_soundfont_build_is_complete_and_parallel_build_identical(tmp_pa
     build(recipe, tmp_path / "two", FetchOptions(progress=False, workers=2))
     assert load_clips(tmp_path / "one").to_pandas().equals(load_clips(tmp_path / "two").to_pandas())
     assert load_mixtures(tmp_path / "one").to_pandas().equals(load_mixtures(tmp_path / "two").to_pandas())
+
+
+def test_redirected_build_logs_plain_progress_lines_and_files_follow_the_umask(tmp_path):
+    """stderr to a file (not a terminal): plain 'stage: k/n (p%)' lines instead of nothing; and the
+    dataset's files and folders get the umask's modes (before: every file 0600, frame folders 0700)."""
+    import stat
+
+    root = tmp_path / "tree"
+    for i in range(12):
+        write_tone(root / ("low" if i % 2 else "high") / f"{i}.wav", 200 + 300 * (i % 2) + i)
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=320x180:rate=5:d=3", "-f", "lavfi",
+         "-i", "sine=f=800:d=3", "-shortest", "-pix_fmt", "yuv420p", str(root / "high" / "v.mp4")],
+        check=True,
+    )
+    recipe = tmp_path / "tree.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "tree", "folder": {"val_fraction": 0.0, "test_fraction": 0.3},
+        "filter": {"min_duration_s": 1.0}, "mix": {"mixtures_per_split": {"test": 2}},
+    }))
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    code = "import os, runpy, sys; os.umask(0o022); sys.argv = sys.argv[1:]; runpy.run_module('marsctl.data', run_name='__main__')"
+    with open(tmp_path / "build.log", "w") as log:
+        done = subprocess.run([sys.executable, "-c", code, "marsctl", "build", str(recipe), "--root", str(root),
+                               "--out", str(out)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+    assert done.returncode == 0, (tmp_path / "build.log").read_text()
+    lines = (tmp_path / "build.log").read_text().splitlines()
+    assert any(line.startswith("fetch tree: 13/13 (100%)") for line in lines)
+    assert len([line for line in lines if line.startswith("fetch tree:")]) >= 5  # about every 10 %
+    assert any(line.startswith("filter: signal checks: 13/13") for line in lines)
+    assert not any("\x1b[" in line or "━" in line for line in lines)  # no terminal bar codes in a log
+    for path in out.rglob("*"):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))

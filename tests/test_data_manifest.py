@@ -84,3 +84,49 @@ def test_safe_names_and_paths(tmp_path):
     (tmp_path / "link").symlink_to("/etc")
     with pytest.raises(UnsafePathError):
         inside(tmp_path, "link/passwd")
+
+
+def _mixture_row(mixture_path: str, source_paths: list[str]) -> dict:
+    return {
+        "mixture_id": "test-00000", "split": "test", "mixture_path": mixture_path,
+        "source_clip_ids": ["a", "b"], "source_labels": ["dog", "cat"], "source_paths": source_paths,
+        "source_frame_paths": [[], []], "source_offsets": [0, 0], "gains": [0.5, 0.5], "snr_db": None, "seed": 1,
+    }
+
+
+@pytest.mark.parametrize("mixture_path, sources", [
+    ("/etc/hostname", ["mixtures/test/test-00000/dog.wav", "mixtures/test/test-00000/cat.wav"]),
+    ("mixtures/test/test-00000/mixture.wav", ["../../victim/dog.wav", "mixtures/test/test-00000/cat.wav"]),
+    ("mixtures/../../victim.wav", ["a.wav", "b.wav"]),
+])
+def test_a_manifest_cannot_point_outside_its_dataset(tmp_path, mixture_path, sources):
+    """Before: load_mixtures returned these paths and eval --model --data read the files they named."""
+    from marsctl.data.manifest import dataset_file
+
+    write_mixtures(tmp_path, [_mixture_row(mixture_path, sources)])
+    with pytest.raises(ManifestError) as err:
+        load_mixtures(tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and "mixtures.parquet" in message and "test-00000" in message
+    assert "not a path inside the dataset" in message
+    rows = [clip_row("a", audio_path="/etc/passwd")]
+    write_clips(tmp_path, rows)
+    with pytest.raises(ManifestError, match=r"row 0 \(a\): audio_path '/etc/passwd'"):
+        load_clips(tmp_path)
+    assert dataset_file(tmp_path, "clips/dog/a.flac") == tmp_path / "clips/dog/a.flac"
+    with pytest.raises(ManifestError):
+        dataset_file(tmp_path, "../x.flac")
+
+
+def test_eval_on_a_dataset_whose_manifest_leaves_it_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from marsctl.cli.main import app
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    dataset = tmp_path / "ds"
+    write_mixtures(dataset, [_mixture_row(str(victim / "mix.wav"), [str(victim / "a.wav"), "b.wav"])])
+    result = CliRunner().invoke(app, ["eval", "--model", "default", "--data", str(dataset), "--out", str(tmp_path / "rep")])
+    assert result.exit_code == 2, result.output
+    assert "not a path inside the dataset" in result.output

@@ -112,3 +112,24 @@ def test_dynamic_mix_dataset_items(dataset):
     assert next(iter(loader))["sources"].shape == (3, 2, signal.segment_samples)
     with pytest.raises(Exception, match="at least 4"):
         DynamicMixDataset(dataset, "train", signal, num_sources=4)
+
+
+def test_mixtures_of_a_dataset_without_families_and_an_older_manifest(dataset):
+    import pyarrow.parquet as pq
+
+    from marsctl.data import load_clips
+
+    rows = make_mixtures(recipe(), dataset, progress=False)
+    assert all(r["pair_type"] == "" and r["source_families"] == ["", ""] for r in rows)
+    # pairing asked for, one family only: every mixture is "within"; the labels change, not the clips' files
+    paired = make_mixtures(recipe(pairing={"within": 0.5, "across": 0.5}), dataset, progress=False)
+    assert {r["pair_type"] for r in paired} == {"within"}
+    # a manifest written before the group/soundfont/family columns existed reads them as ""
+    path = dataset / "manifests/clips.parquet"
+    table = pq.read_table(path)
+    pq.write_table(table.drop_columns(["group", "soundfont", "family"]), path)
+    old = load_clips(dataset)
+    assert set(old["family"]) == {""} and set(old["group"]) == {""} and len(old) == table.num_rows
+    path = dataset / "manifests/mixtures.parquet"
+    pq.write_table(pq.read_table(path).drop_columns(["pair_type", "source_families"]), path)
+    assert load_mixtures(dataset)["source_families"] == [["", ""]] * len(paired)

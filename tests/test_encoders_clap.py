@@ -7,8 +7,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import socket
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,72 +23,9 @@ from marsctl.models.encoders.clap import (  # noqa: E402
     CLAP_WINDOW_SAMPLES,
     ClapEncoder,
     ClapEncoderConfig,
-    build_clap_model,
     clap_windows,
 )
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable-character table (the alphabet of byte-level BPE)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def write_roberta_files(path: Path, with_bytes: bool = True) -> Path:
-    """A byte-level BPE RoBERTa tokenizer (no merges: one token per byte) and a 1-layer RoBERTa config."""
-    from transformers import RobertaConfig, RobertaTokenizer
-
-    path.mkdir(parents=True, exist_ok=True)
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    if with_bytes:
-        for char in bytes_to_unicode().values():
-            vocab[char] = len(vocab)
-    vocab["<mask>"] = len(vocab)
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n")
-    RobertaTokenizer(str(path / "vocab.json"), str(path / "merges.txt")).save_pretrained(str(path))
-    RobertaConfig(
-        vocab_size=len(vocab), hidden_size=768, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=80, pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1,
-    ).save_pretrained(str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def no_network():
-    """Every connection attempt is refused *and recorded* (a library may swallow the error)."""
-    attempts: list[str] = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(repr(args)[:200])
-        raise OSError("network access is not allowed in this test")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(socket.socket, "connect", refuse)
-        mp.setattr(socket, "create_connection", refuse)
-        yield attempts
-
-
-@pytest.fixture(scope="module")
-def tiny_clap(tmp_path_factory, no_network):
-    """(checkpoint path, text model dir, the state dict written) of a tiny random CLAP."""
-    from transformers import RobertaConfig
-
-    root = tmp_path_factory.mktemp("tiny-clap")
-    text_dir = write_roberta_files(root / "roberta")
-    torch.manual_seed(0)
-    model = build_clap_model("HTSAT-tiny", RobertaConfig.from_pretrained(str(text_dir)))
-    state = {f"module.{k}": v for k, v in model.state_dict().items()}  # saved from DDP, like the releases
-    state["module.text_branch.embeddings.position_ids"] = torch.arange(80)[None]  # transformers < 4.31 stored it
-    checkpoint = root / "tiny-clap.pt"
-    torch.save({"epoch": 3, "name": "tiny", "state_dict": state}, checkpoint)
-    return checkpoint, text_dir, state
+from clap_fixtures import no_network, tiny_clap, write_roberta_files  # noqa: E402,F401  (fixtures)
 
 
 @pytest.fixture(scope="module")

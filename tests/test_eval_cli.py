@@ -17,7 +17,7 @@ import soundfile as sf
 from typer.testing import CliRunner
 
 from marsctl.cli.main import app
-from marsctl.metrics.folders import evaluate_folders
+from marsctl.eval import evaluate_folders
 
 SR = 16_000
 T = 12_000
@@ -101,7 +101,7 @@ def test_problems_are_reported_per_file_and_the_run_goes_on(folders, tmp_path):
 def test_cli_writes_reports_and_prints_summary(folders, tmp_path):
     refs, ests, mixes = folders
     out = tmp_path / "report"
-    result = CliRunner().invoke(app, ["eval", "-e", str(ests), "-r", str(refs), "-m", str(mixes), "-o", str(out), "--by-source"])
+    result = CliRunner().invoke(app, ["eval", "-e", str(ests), "-r", str(refs), "--mixtures", str(mixes), "-o", str(out), "--by-source"])
     assert result.exit_code == 0, result.output
     assert "SI-SDRi" in result.output and "±" in result.output and "violin" in result.output
     report = json.loads((out / "report.json").read_text())
@@ -149,3 +149,16 @@ def test_real_subprocess(folders, tmp_path):
     assert (out / "summary.md").exists()
     help_text = subprocess.run([sys.executable, "-m", "marsctl", "eval", "--help"], capture_output=True, text=True, env=env).stdout
     assert "--estimates" in help_text and "SI-SDRi" in help_text
+
+
+def test_cli_help_floor_is_the_scoring_floor_and_cli_import_stays_light():
+    import subprocess
+    import sys
+
+    from marsctl.cli.eval import DB_FLOOR_IN_HELP
+    from marsctl.eval.scoring import DB_FLOOR
+
+    assert DB_FLOOR_IN_HELP == DB_FLOOR
+    code = "import sys, marsctl.cli.main; print(sorted(m for m in ('numba', 'fast_bss_eval', 'marsctl.eval', 'marsctl.rl', 'marsctl.train') if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]", f"importing the CLI loads {loaded}"

@@ -13,7 +13,6 @@ from marsctl.models.query import normalize
 from marsctl.rl.rewards import (
     RewardBatch,
     RewardConfig,
-    RewardWeights,
     anchor_embeddings,
     compute_rewards,
     energy_guard_reward,
@@ -118,13 +117,13 @@ def test_weighted_sum_and_every_term_reported(sources):
         estimates, (target + other)[None], SIGNAL, estimate_embeddings=encoder.embed_audio(estimates, SR),
         anchors=anchors, queries=encoder.embed_text(["low hum"]), targets=target[None],
     )
-    config = RewardConfig(weights=RewardWeights(semantic_anchor=2.0, query_similarity=0.5, si_sdr=0.25, energy_guard=1.0))
+    config = RewardConfig(weights={"semantic_anchor": 2.0, "query_similarity": 0.5, "si_sdr": 0.25, "energy_guard": 1.0})
     total, terms = compute_rewards(reward_functions(config), batch)
     assert set(terms) == {"semantic_anchor", "query_similarity", "si_sdr", "energy_guard"}
     by_hand = 2.0 * terms["semantic_anchor"] + 0.5 * terms["query_similarity"] + 0.25 * terms["si_sdr"] + terms["energy_guard"]
     assert torch.allclose(total, by_hand)
     with pytest.raises(ConfigError):
-        RewardConfig(weights=RewardWeights(0.0, 0.0, 0.0, 0.0))
+        RewardConfig(weights={"semantic_anchor": 0.0, "query_similarity": 0.0, "si_sdr": 0.0, "energy_guard": 0.0})
 
 
 def test_all_pass_and_noise_score_below_the_true_target(sources):
@@ -154,18 +153,18 @@ class _CountingEncoder(LabelTestEncoder):
         super().__init__(embedding_dim=16)
         self.audio_calls = 0
 
-    def embed_audio(self, waveforms, sample_rate):
+    def embed_audio(self, waveforms, sample_rate, *, differentiable=False):
         self.audio_calls += 1
-        return super().embed_audio(waveforms, sample_rate)
+        return super().embed_audio(waveforms, sample_rate, differentiable=differentiable)
 
 
 def test_reward_model_computes_weighted_terms_and_logs_the_rest_on_request(sources):
-    from marsctl.rl.trainer import RewardModel
+    from marsctl.rl.rollout import RewardModel
 
     target, other = sources
     mixture = (target + other)[None]
     estimates = torch.stack([target, other, mixture[0]])[:, None]  # [G=3, B=1, T]
-    signal_only = RewardConfig(weights=RewardWeights(semantic_anchor=0.0, si_sdr=1.0, energy_guard=1.0))
+    signal_only = RewardConfig(weights={"semantic_anchor": 0.0, "si_sdr": 1.0, "energy_guard": 1.0})
     encoder = _CountingEncoder()
     model = RewardModel(encoder, reward_functions(signal_only), SIGNAL, same_space_as_queries=False)
     total, terms, source = model.score(estimates, mixture, ["low hum"], targets=target[None])
@@ -212,12 +211,12 @@ def test_differentiable_scoring_keeps_the_graph_and_names_a_term_without_one(sou
     """The pathwise estimator scores with gradients: si_sdr and energy_guard carry them back to the
     estimates; a weighted term computed without gradients (an encoder's embedding) is named."""
     from marsctl.errors import MarsctlError
-    from marsctl.rl.trainer import RewardModel
+    from marsctl.rl.rollout import RewardModel
 
     target, other = sources
     mixture = (target + other)[None]
     estimates = (0.7 * mixture + 0.3 * target[None])[None].clone().requires_grad_(True)  # [G=1, B=1, T]
-    signal_only = RewardConfig(weights=RewardWeights(semantic_anchor=0.0, si_sdr=1.0, energy_guard=1.0))
+    signal_only = RewardConfig(weights={"semantic_anchor": 0.0, "si_sdr": 1.0, "energy_guard": 1.0})
     model = RewardModel(_CountingEncoder(), reward_functions(signal_only), SIGNAL, same_space_as_queries=False)
     total, _, _ = model.score(estimates, mixture, ["low hum"], targets=target[None], differentiable=True)
     (grad,) = torch.autograd.grad(total.sum(), estimates)
@@ -225,12 +224,12 @@ def test_differentiable_scoring_keeps_the_graph_and_names_a_term_without_one(sou
     # moving the estimate along the gradient raises the reward
     stepped, _, _ = model.score((estimates + 1e-3 * grad / grad.norm()).detach(), mixture, ["low hum"], targets=target[None])
     assert float(stepped.sum()) > float(total.sum())
-    semantic = RewardConfig(weights=RewardWeights(semantic_anchor=1.0, si_sdr=1.0))
+    semantic = RewardConfig(weights={"semantic_anchor": 1.0, "si_sdr": 1.0})
 
     class NoGradEncoder(_CountingEncoder):
-        def embed_audio(self, waveforms, sample_rate):
+        def embed_audio(self, waveforms, sample_rate, *, differentiable=False):
             with torch.no_grad():
-                return super().embed_audio(waveforms, sample_rate)
+                return super().embed_audio(waveforms, sample_rate, differentiable=differentiable)
 
     model = RewardModel(NoGradEncoder(), reward_functions(semantic), SIGNAL, same_space_as_queries=False)
     with pytest.raises(MarsctlError, match="'semantic_anchor' is not differentiable"):

@@ -44,7 +44,7 @@ def rl_config(data: str | Path, init_model: str | Path, max_steps: int, **kw) ->
     base = dict(
         data=str(data), init_model=str(init_model), encoder="test", reward_encoder="test-reward", batch_size=4, group_size=4,
         max_steps=max_steps, learning_rate=1e-3, warmup_steps=2, val_every=10, checkpoint_every=5, log_every=1,
-        num_workers=0, val_mixtures=3,
+        num_workers=0, val_mixtures=3, estimator="score_function",
     )
     base.update(kw)
     return RLConfig(**base)
@@ -57,6 +57,7 @@ def main() -> None:
     ppo_epochs = int(os.environ.get("TEST_PPO_EPOCHS", "1"))
     baseline = os.environ.get("TEST_BASELINE", "group")
     estimator = os.environ.get("TEST_ESTIMATOR", "score_function")
+    num_workers = int(os.environ.get("TEST_NUM_WORKERS", "0"))
 
     def on_step_end(step: int) -> None:
         if kill_after and step == kill_after:
@@ -64,7 +65,7 @@ def main() -> None:
 
     query_encoder, reward_encoder = make_test_encoders()
     config = rl_config(data, init_model, max_steps, checkpoint_every=checkpoint_every, ppo_epochs=ppo_epochs, baseline=baseline,
-                       estimator=estimator)
+                       estimator=estimator, num_workers=num_workers)
     result = train_rl(config, run, encoder=query_encoder, reward_encoder=reward_encoder, device="cpu", progress=False, on_step_end=on_step_end)
     if "RANK" in os.environ:
         from safetensors.torch import save_file

@@ -16,7 +16,7 @@ from marsctl.cli import separate as separate_cli
 from marsctl.cli import train as train_cli
 from marsctl.metrics.separation import si_sdr_improvement
 from marsctl.models.encoders import load_encoder
-from marsctl.separation import Query, SeparateOptions, read_query_mapping, separate_waveform
+from marsctl.separate import Query, SeparateOptions, read_query_mapping, separate_waveform
 from marsctl.models.separator import load_separator
 from test_separator_fixtures import SR, make_tone_dataset, synth
 from test_train_sup_worker import small_config
@@ -152,7 +152,7 @@ def test_query_slugs():
 
 def test_default_model_separates_the_shipped_examples(tmp_path):
     """The README demo: no --model (the embedded default), the shipped mapping file, scored by `eval`."""
-    from marsctl.metrics.folders import evaluate_folders
+    from marsctl.eval import evaluate_folders
     from marsctl.pretrained import EXAMPLE_REFERENCES_DIR, EXAMPLES_DIR
 
     examples = json.loads((EXAMPLES_DIR / "examples.json").read_text())

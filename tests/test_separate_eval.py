@@ -1,4 +1,4 @@
-"""Evaluating a trained separator on fixed test mixtures (marsctl.evaluation)."""
+"""Evaluating a trained separator on fixed test mixtures (marsctl.eval.model)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from marsctl.errors import MarsctlError
-from marsctl.evaluation import evaluate_separator, oracle_irm, summarize, write_evaluation
+from marsctl.eval.model import evaluate_separator, oracle_irm, summarize, write_evaluation
 from marsctl.audio import Spectrogram
-from marsctl.separation import load_model_and_encoder
+from marsctl.separate import load_model_and_encoder
 from marsctl.train.supervised import train_supervised
 from marsctl.models.encoders import load_encoder
 from test_separator_fixtures import make_tone_dataset
@@ -74,7 +74,7 @@ def test_image_queries_and_datasets_without_frames(trained, tmp_path):
 
 
 def test_evaluate_model_on_dataset_writes_the_reports(trained, tmp_path):
-    from marsctl.evaluation import evaluate_model_on_dataset
+    from marsctl.eval.model import evaluate_model_on_dataset
 
     seen = []
     rows, paths = evaluate_model_on_dataset(trained / "model", trained / "data", tmp_path / "out", ("text",), limit=2, device="cpu", on_mixture=seen.append)
@@ -104,6 +104,8 @@ def test_eval_cli_with_model_and_data(trained, tmp_path):
     summary = json.loads(result.stdout)["summary"]
     assert {(e["system"], e["query_modality"]) for e in summary} == {("mixture", "-"), ("oracle-irm", "-"), ("model", "text"), ("model", "audio")}
     assert (tmp_path / "r" / "model_summary.md").is_file() and (tmp_path / "r" / "summary.md").is_file()
+    # not a terminal: a counted progress line instead of a silent spinner
+    assert "Separating and scoring mixtures: 2/2 (100%)" in result.stderr
     missing = runner.invoke(app, ["eval", "--model", str(trained / "model")])
     assert missing.exit_code != 0 and "--data" in missing.output
     neither = runner.invoke(app, ["eval", "--estimates", str(tmp_path)])

@@ -117,8 +117,10 @@ class LabelTestEncoder(QueryEncoder):
             vectors.append(torch.randn(self.embedding_dim, generator=torch.Generator().manual_seed(seed)))
         return normalize(torch.stack(vectors))
 
-    def embed_audio(self, waveforms, sample_rate):
+    def embed_audio(self, waveforms, sample_rate, *, differentiable=False):
         waves = [torch.as_tensor(w, dtype=torch.float32) for w in waveforms]
+        if not differentiable:  # the QueryEncoder contract: no graph back to the waveforms unless asked
+            waves = [w.detach() for w in waves]
         out = []
         for w in waves:
             power = torch.fft.rfft(w).abs() ** 2

@@ -34,12 +34,13 @@ def main() -> None:
     data, run, max_steps = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
     kill_after = int(sys.argv[4]) if len(sys.argv) > 4 else 0
     checkpoint_every = int(os.environ.get("TEST_CHECKPOINT_EVERY", "10"))
+    num_workers = int(os.environ.get("TEST_NUM_WORKERS", "0"))
 
     def on_step_end(step: int) -> None:
         if kill_after and step == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)  # a real kill: no cleanup, no finally blocks
 
-    config = small_config(data, max_steps, checkpoint_every=checkpoint_every, val_every=checkpoint_every)
+    config = small_config(data, max_steps, checkpoint_every=checkpoint_every, val_every=checkpoint_every, num_workers=num_workers)
     result = train_supervised(config, run, encoder=LabelTestEncoder(), device="cpu", progress=False, on_step_end=on_step_end)
     if "RANK" in os.environ:
         from safetensors.torch import save_file

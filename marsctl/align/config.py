@@ -11,40 +11,32 @@ from typing import Any
 
 import yaml
 
-from marsctl.config import from_mapping
+from marsctl.config import ValidatedConfig, from_mapping, setting
 from marsctl.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
-class StageCommon:
+class StageCommon(ValidatedConfig):
     """Settings every stage has."""
 
     #: optimizer steps of this stage
-    steps: int = 2000
-    batch_size: int = 64
+    steps: int = setting(2000, ge=1)
+    batch_size: int = setting(64, ge=2)
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     #: training crop length; clips shorter than this are used whole (repeat-padded)
-    crop_seconds: float = 4.0
+    crop_seconds: float = setting(4.0, gt=0)
     #: share of steps that replay an earlier selected stage's objective on its own data
-    replay_fraction: float = 0.2
+    replay_fraction: float = setting(0.2, ge=0, lt=1)
     #: chance that a batch slot is filled with a clip of an acoustically close class
-    hard_negative_share: float = 0.5
+    hard_negative_share: float = setting(0.5, ge=0, le=1)
     #: weight of the anchor-fusion (z*) loss: target vs mixture vs other clips
     anchor_weight: float = 0.5
     #: validate (and keep the best checkpoint) every this many steps
-    eval_every: int = 200
+    eval_every: int = setting(200, ge=1)
     #: write the resumable training state every this many steps
-    checkpoint_every: int = 100
+    checkpoint_every: int = setting(100, ge=1)
     grad_clip_norm: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 2:
-            raise ConfigError(f"steps must be >= 1 and batch_size >= 2, got {self.steps} and {self.batch_size}")
-        if not 0 <= self.replay_fraction < 1 or not 0 <= self.hard_negative_share <= 1:
-            raise ConfigError("replay_fraction must be in [0, 1) and hard_negative_share in [0, 1]")
-        if self.eval_every < 1 or self.checkpoint_every < 1 or self.crop_seconds <= 0:
-            raise ConfigError("eval_every, checkpoint_every and crop_seconds must be positive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,20 +120,11 @@ def parse_stages(text: str) -> tuple[int, ...]:
         raise ConfigError(f"--stages must look like 1,2,3; got {text!r}") from exc
 
 
-#: the alignment recipes shipped with marsctl (the repository's ``recipes/align``)
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes" / "align"
-
-
 def recipe_path(spec: str | Path) -> Path:
-    """A recipe by name (``default`` -> ``recipes/align/default.yaml``) or by YAML path."""
-    path = Path(spec)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        return path
-    named = RECIPES_DIR / f"{spec}.yaml"
-    if not named.is_file():
-        known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
-        raise ConfigError(f"unknown align recipe {str(spec)!r}; known: {', '.join(known) or 'none'} (or give a YAML path)")
-    return named
+    """A recipe by name (``default`` -> the shipped ``recipes/align/default.yaml``) or by YAML path."""
+    from marsctl.recipe_paths import find_recipe
+
+    return find_recipe("align", spec)
 
 
 def load_align_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> AlignConfig:

@@ -51,6 +51,7 @@ from marsctl.config import to_mapping
 from marsctl.errors import ConfigError, MarsctlError
 from marsctl.files import atomic_path, write_json_atomic
 from marsctl.models.encoders import AnchorFusion, ProjectedEncoder, load_encoder, save_encoder
+from marsctl.progress import StepProgress
 
 STAGE_NAMES = {1: "audio-text", 2: "audio-audio", 3: "audio-image"}
 #: held-out retrieval each stage adds to checkpoint selection (see :func:`selection_score`)
@@ -71,9 +72,10 @@ def selection_score(stage: int, metrics: dict[str, Any], stages: tuple[int, ...]
 
 
 class Reporter:
-    """Where the trainer says things: a line logger and an optional rich Progress."""
+    """Where the trainer says things: a line logger, and a progress display per stage when
+    ``progress`` is true (:class:`marsctl.progress.StepProgress`)."""
 
-    def __init__(self, log: Callable[[str], None] = print, progress: Any = None,
+    def __init__(self, log: Callable[[str], None] = print, progress: bool = False,
                  on_stage_end: Callable[[int, dict[str, Any]], None] | None = None,
                  on_step: Callable[[int, int, dict[str, Any]], None] | None = None):
         self.log, self.progress, self.on_stage_end, self.on_step = log, progress, on_stage_end, on_step
@@ -321,7 +323,7 @@ def _run_stage(stage: int, encoder: ProjectedEncoder, pool: TrainingPool, image_
                 tmp.write_text("".join(line + "\n" for line in kept))
     earlier = [s for s in config.stages if s < stage]
     objectives = Objectives(encoder, pool, image_pool, config)
-    task = reporter.progress.add_task(f"stage {stage} {STAGE_NAMES[stage]}", total=cfg.steps, completed=step) if reporter.progress else None
+    bar = StepProgress(f"stage {stage} {STAGE_NAMES[stage]}", cfg.steps, step, show=bool(reporter.progress))
     started = time.monotonic()
     with log_path.open("a", encoding="utf-8") as log:
         while step < cfg.steps:
@@ -349,8 +351,8 @@ def _run_stage(stage: int, encoder: ProjectedEncoder, pool: TrainingPool, image_
                 _save_state(state_path, encoder, optimizer, gen, step, best_score, best_step)
             if reporter.on_step is not None:
                 reporter.on_step(stage, step, record)
-            if task is not None:
-                reporter.progress.update(task, completed=step, description=f"stage {stage} {STAGE_NAMES[stage]} loss {record['total']:.3f}")
+            bar.update(step, f"loss {record['total']:.3f}")
+    bar.stop()
     best = load_encoder(best_dir, encoder.device)
     result = {
         "stage": stage,

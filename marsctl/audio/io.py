@@ -48,12 +48,7 @@ def load_audio(path: str | Path, sample_rate: int | None = 16_000) -> np.ndarray
 def load_audio_native(path: str | Path) -> tuple[np.ndarray, int]:
     """Load ``path`` as mono float32 at its own sample rate: ``(samples, sample_rate)``."""
     path = Path(path)
-    if not path.exists():
-        raise AudioError(path, "no such file")
-    if path.is_dir():
-        raise AudioError(path, "is a directory, not an audio file")
-    if path.stat().st_size == 0:
-        raise AudioError(path, "file is empty (0 bytes)")
+    check_readable(path)
     if path.suffix.lower() in SOUNDFILE_SUFFIXES:
         wave, sr = _read_soundfile(path)
     else:
@@ -63,6 +58,22 @@ def load_audio_native(path: str | Path) -> tuple[np.ndarray, int]:
     if not np.isfinite(wave).all():
         raise AudioError(path, "contains NaN or Inf samples")
     return wave, sr
+
+
+def check_readable(path: Path) -> None:
+    """Raise :class:`AudioError` for a missing, empty or unreadable file, or a directory."""
+    if not path.exists():
+        raise AudioError(path, "no such file")
+    if path.is_dir():
+        raise AudioError(path, "is a directory, not an audio file")
+    try:
+        with open(path, "rb") as handle:
+            if not handle.read(1):
+                raise AudioError(path, "file is empty (0 bytes)")
+    except PermissionError:
+        raise AudioError(path, "permission denied") from None
+    except OSError as exc:
+        raise AudioError(path, f"cannot be read ({exc.strerror or exc})") from None
 
 
 def _read_soundfile(path: Path) -> tuple[np.ndarray, int]:
@@ -106,10 +117,10 @@ def _wav_declared_data_bytes(path: Path) -> int | None:
             fh.seek(size + (size & 1), 1)
 
 
-def _read_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
-    source = f"file:{path.resolve()}"  # 'file:' stops ffmpeg from reading the name as a URL or option
+def probe_audio(path: Path) -> tuple[int, float]:
+    """(sample rate, duration in seconds, 0 when unknown) of the first audio stream, by ffprobe."""
     try:
-        probe = ffmpeg.probe(source)
+        probe = ffmpeg.probe(f"file:{path.resolve()}")  # 'file:' stops ffmpeg from reading the name as a URL or option
     except ffmpeg.Error as exc:
         raise AudioError(path, f"not a readable audio or video file ({_ffmpeg_reason(exc)})") from exc
     except FileNotFoundError as exc:
@@ -117,9 +128,16 @@ def _read_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
     streams = [s for s in probe.get("streams", []) if s.get("codec_type") == "audio"]
     if not streams:
         raise AudioError(path, "has no audio stream")
-    sr = int(streams[0].get("sample_rate") or 0)
-    if sr <= 0:
+    rate = int(streams[0].get("sample_rate") or 0)
+    if rate <= 0:
         raise AudioError(path, "audio stream has no sample rate")
+    duration = streams[0].get("duration") or probe.get("format", {}).get("duration") or 0
+    return rate, float(duration)
+
+
+def _read_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
+    source = f"file:{path.resolve()}"  # 'file:' stops ffmpeg from reading the name as a URL or option
+    sr, _ = probe_audio(path)
     try:
         out, _ = (
             ffmpeg.input(source)

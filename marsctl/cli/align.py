@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from marsctl.cli.common import console, err_console, user_errors
@@ -82,20 +81,12 @@ def align_cmd(
         config = load_align_config(recipe, overrides)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=err_console, disable=quiet,
-        )
-        reporter = Reporter(
-            log=lambda line: err_console.print(line, highlight=False, markup=False),
-            progress=progress,
-        )
+        reporter = Reporter(log=lambda line: err_console.print(line, highlight=False, markup=False), progress=not quiet)
         data_dir = resolve_artifact(data, "dataset")
         summary: dict[str, Any] = {}
 
         def _align() -> dict[str, Any]:
-            with progress:
-                summary.update(run_alignment(config, data_dir, out, device=device, reporter=reporter))
+            summary.update(run_alignment(config, data_dir, out, device=device, reporter=reporter))
             return {f"stage{k}": r.get("report", {}) for k, r in summary.get("stages", {}).items()}  # for the card
 
         # --reuse / --push-to act on the aligned encoder (OUT/encoder), keyed by config + data + starting encoder

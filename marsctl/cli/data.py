@@ -14,32 +14,31 @@ from marsctl.cli.hub import PUSH_TO_OPTION, REUSE_OPTION
 data_app = typer.Typer(
     help=(
         "Build datasets from recipes: fetch clips, filter them (clean+), write fixed mixtures.\n\n"
-        "Recipes live in recipes/data/ (soundfont, folder, vggsound-clean, music-clean) or are given "
-        "as a YAML path. 'marsctl data build RECIPE' runs every stage and can be rerun after a kill: "
+        "A recipe is a shipped name ('marsctl data recipes' lists them) or a YAML file. "
+        "'marsctl data build RECIPE' runs every stage and can be rerun after a kill: "
         "finished work is skipped. The output layout and manifest schema are described in "
         "marsctl/data/manifest.py."
     ),
     no_args_is_help=True,
 )
 
-_OUT = typer.Option(None, "--out", "-o", help="Dataset directory to write (default: data/<recipe name>).")
+_OUT = typer.Option(None, "--out", "-o", metavar="DIR", help="Dataset folder to write (default: data/<recipe name>).")
 _SOURCE_LIST = typer.Option(
-    None, "--source-list", help="Local source list (VGGSound CSV or MUSIC JSON) instead of the recipe's URL."
+    None, "--source-list", metavar="FILE", help="Local source list (VGGSound CSV, MUSIC JSON) instead of the recipe's URL."
 )
-_ROOT = typer.Option(None, "--root", help="Folder recipe: the labeled folder tree (<root>/<label>/...).")
-_WORKERS = typer.Option(None, "--workers", "-j", min=1, help="Parallel downloads (default: the recipe's).")
+_ROOT = typer.Option(None, "--root", metavar="DIR", help="Folder recipes: the labeled tree, DIR/<label>/... Union recipes: the folder relative member paths start from.")
+_WORKERS = typer.Option(None, "--workers", "-j", metavar="N", min=1, help="Parallel downloads (default: the recipe's).")
 _MIRROR = typer.Option(
-    None, "--mirror", help="Hugging Face dataset repo (org/name) with copies of videos gone from YouTube."
+    None, "--mirror", metavar="ORG/NAME", help="Hub dataset repo with copies of videos gone from YouTube."
 )
-_COOKIES = typer.Option(
-    None, "--cookies", help="Cookies file (Netscape format) for yt-dlp, when YouTube asks to sign in."
-)
+_COOKIES = typer.Option(None, "--cookies", metavar="FILE", help="Cookies file (Netscape format) for yt-dlp.")
 _LIMIT = typer.Option(
-    None, "--limit", min=0,
-    help="Only the first N work units of the source (videos, files; classes for soundfont): a quick look.",
+    None, "--limit", metavar="N", min=0, help="Only the first N work units (videos, files, classes): a quick look.",
 )
-_RETRY = typer.Option(False, "--retry-failed", help="Try again the items that failed in an earlier run.")
-_QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+_RETRY = typer.Option(False, "--retry-failed", metavar="", help="Try again the items that failed before.")
+_QUIET = typer.Option(False, "--quiet", "-q", metavar="", help="No progress display.")
+_RECIPE_ARG = typer.Argument(..., metavar="RECIPE", help="A recipe name (see 'marsctl data recipes') or a YAML file.")
+_DATASET_ARG = typer.Argument(..., metavar="DIR", help="A dataset folder.")
 
 
 def _options(source_list, root, workers, mirror, cookies, limit, retry_failed, quiet):
@@ -52,7 +51,13 @@ def _options(source_list, root, workers, mirror, cookies, limit, retry_failed, q
 
 
 def _out_dir(out: Optional[Path], recipe) -> Path:
-    return out if out is not None else Path("data") / recipe.name
+    """``--out``, else ``data/<name>`` (the recipe's name is a plain name: it stays inside data/)."""
+    if out is not None:
+        return out
+    from marsctl.data.recipe import check_recipe_name
+
+    check_recipe_name(recipe.name, "recipe")  # also checked when the recipe is read
+    return Path("data") / recipe.name
 
 
 def print_summary(summary, dataset_dir: Path) -> None:
@@ -80,7 +85,7 @@ def print_summary(summary, dataset_dir: Path) -> None:
 
 @data_app.command("build")
 def build_cmd(
-    recipe: str = typer.Argument(..., help="Recipe name (e.g. soundfont, vggsound-clean) or path to a recipe YAML."),
+    recipe: str = _RECIPE_ARG,
     out: Optional[Path] = _OUT,
     source_list: Optional[str] = _SOURCE_LIST,
     root: Optional[str] = _ROOT,
@@ -110,9 +115,12 @@ def build_cmd(
             nonlocal summary
             summary = build(spec, dataset_dir, _options(source_list, root, workers, mirror, cookies, limit, retry_failed, quiet))
 
-        # identity for --reuse / the card: the recipe, --limit, and the local inputs (source list file, labeled folder)
-        inputs = {"source_list": source_list if source_list and Path(source_list).is_file() else None, "root": root}
-        outcome = run_stage("data.build", {"recipe": spec.to_mapping(), "limit": limit}, inputs, dataset_dir, _build,
+        # identity for --reuse / the card: the recipe, --limit, and the local inputs (source list file, and the
+        # labeled folder of a folder recipe; for other kinds --root only says where relative paths start)
+        folder_root = root if spec.source_kind == "folder" else None
+        inputs = {"source_list": source_list if source_list and Path(source_list).is_file() else None, "root": folder_root}
+        identity = {"recipe": spec.to_mapping(), "limit": limit, **({"root": str(Path(root).resolve())} if root and not folder_root else {})}
+        outcome = run_stage("data.build", identity, inputs, dataset_dir, _build,
                             kind="dataset", reuse=reuse, push_to=push_to)
         if outcome.reused:
             console.print(f"reused the dataset built with the same recipe and inputs: {outcome.path}", highlight=False)
@@ -126,7 +134,7 @@ def build_cmd(
 
 @data_app.command("fetch")
 def fetch_cmd(
-    recipe: str = typer.Argument(..., help="Recipe name or path to a recipe YAML."),
+    recipe: str = _RECIPE_ARG,
     out: Optional[Path] = _OUT,
     source_list: Optional[str] = _SOURCE_LIST,
     root: Optional[str] = _ROOT,
@@ -162,9 +170,9 @@ def fetch_cmd(
 
 @data_app.command("filter")
 def filter_cmd(
-    dataset: Path = typer.Argument(..., help="A fetched dataset directory."),
+    dataset: Path = _DATASET_ARG,
     recipe: Optional[str] = typer.Option(
-        None, "--recipe", help="Recipe with the thresholds to apply (default: the one in dataset.json)."
+        None, "--recipe", metavar="RECIPE", help="Recipe with the thresholds to apply (default: dataset.json's)."
     ),
     quiet: bool = _QUIET,
 ) -> None:
@@ -180,8 +188,10 @@ def filter_cmd(
 
 @data_app.command("mix")
 def mix_cmd(
-    dataset: Path = typer.Argument(..., help="A filtered dataset directory."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe with the mix settings (default: dataset.json's)."),
+    dataset: Path = _DATASET_ARG,
+    recipe: Optional[str] = typer.Option(
+        None, "--recipe", metavar="RECIPE", help="Recipe with the mix settings (default: dataset.json's)."
+    ),
     quiet: bool = _QUIET,
 ) -> None:
     """Write the fixed, seeded mixtures (mixtures/<split>/...) and manifests/mixtures.parquet."""
@@ -196,18 +206,26 @@ def mix_cmd(
 
 @data_app.command("recipes")
 def recipes_cmd() -> None:
-    """List the recipes shipped in recipes/data/."""
-    with user_errors():
-        from marsctl.data.recipe import available_recipes, load_recipe
+    """List the shipped recipes (and those in ./recipes/data); a broken one is named and skipped."""
+    from marsctl.data.recipe import available_recipes, load_recipe
+    from marsctl.errors import MarsctlError
 
-        table = Table()
-        table.add_column("recipe")
-        table.add_column("source")
-        table.add_column("description")
-        for name in available_recipes():
+    table = Table(expand=False)
+    table.add_column("recipe", no_wrap=True)
+    table.add_column("source", no_wrap=True)
+    table.add_column("description")
+    broken = 0
+    for name in available_recipes():
+        try:
             spec = load_recipe(name)
-            table.add_row(name, spec.source_kind, spec.description.strip())
-        console.print(table)
+        except MarsctlError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            broken += 1
+            continue
+        table.add_row(name, spec.source_kind, " ".join(spec.description.split()))
+    console.print(table)
+    if broken:
+        raise typer.Exit(2)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,8 +1,7 @@
-"""``marsctl eval``: score separated audio with SDR/SIR/SAR, SI-SDR(i) and STFT distance."""
+"""``marsctl eval``: parse, call :mod:`marsctl.eval`, print."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from typing import List, Optional
@@ -11,54 +10,51 @@ import typer
 
 from marsctl.cli.common import console, err_console, user_errors
 from marsctl.cli.hub import PUSH_TO_OPTION, REUSE_OPTION
-from marsctl.cli.progress import track
 from marsctl.errors import MarsctlError
-from marsctl.metrics.folders import evaluate_folders
-from marsctl.metrics.report import summary_table, write_report
+from marsctl.progress import stage_progress, track
 
-HELP = """Score separated audio against references (BSS-Eval SDR/SIR/SAR, SI-SDR, SI-SDRi, STFT distance).
+#: marsctl.eval.scoring.DB_FLOOR, spelled here so that every `marsctl` command does not import the
+#: metrics stack (numba, scipy, fast_bss_eval) to build this help text (tests/test_eval_cli.py checks it)
+DB_FLOOR_IN_HELP = -60.0
 
-Folders: ESTIMATES and REFERENCES hold one sub-folder per mixture with one file per source,
-under the same names (e.g. references/mix001/violin.wav and estimates/mix001/violin.wav).
-The sources of a mixture are scored jointly, so SIR measures leakage between them. SI-SDRi
-needs the mixture: references/<mixture>/mixture.wav, or <MIXTURES>/<mixture>.wav.
+HELP = """Score separated audio against references: BSS-Eval SDR/SIR/SAR, SI-SDR, SI-SDRi and STFT distance.
 
-Writes report.json, scores.csv (one row per source), summary.csv and summary.md to --out,
-and prints mean ± standard error. Files that cannot be scored are listed at the end and
-make the exit status 1.
+Folders: --estimates and --references hold one sub-folder per mixture with one file per source, under the same names (references/mix001/violin.wav and estimates/mix001/violin.wav). The sources of a mixture are scored jointly, so SIR measures the leakage between them. SI-SDRi needs the mixture, as mixture.wav beside the references or as MIXTURES/<mixture>.wav.
 
-Example:  marsctl eval --estimates sep/ --references refs/ --out report/
+Writes report.json, scores.csv (one row per source), summary.csv and summary.md to --out, and prints mean ± standard error and n. A silent estimate is scored at the floor, {floor:g} dB. Files that cannot be scored are listed at the end and make the exit status 1.
 
-A separator: --model M --data D separates D's fixed test mixtures, each source with its own
-query (--query-modality text|audio|image|omni), and scores it beside the unprocessed mixture
-and the ideal-ratio-mask oracle, plus the CLAP score; writes the same files plus
-model_summary.md/.json (per system, query modality and class).
+Example: marsctl eval -e sep/ -r refs/ -o report/
 
-Example:  marsctl eval --model runs/sup --data data/soundfont --query-modality text --out report/
-"""
+A separator: --model M --data D separates the fixed test mixtures of D, each source with its own query (--query-modality text, audio, image or omni), and scores it beside the unprocessed mixture and the ideal-ratio-mask oracle, plus the CLAP score. It writes the same files plus model_summary.md and model_summary.json, per system, query modality and class; never one mean across systems.
+
+Example: marsctl eval -m runs/sup -d data/soundfont -o report/
+""".format(floor=DB_FLOOR_IN_HELP)
 
 
 def eval_command(
-    estimates: Optional[Path] = typer.Option(None, "--estimates", "-e", help="Folder of separated sources (one sub-folder per mixture)."),
-    references: Optional[Path] = typer.Option(None, "--references", "-r", help="Folder of reference sources, same layout and names."),
+    estimates: Optional[Path] = typer.Option(None, "--estimates", "-e", metavar="DIR", help="Folder of separated sources (one sub-folder per mixture)."),
+    references: Optional[Path] = typer.Option(None, "--references", "-r", metavar="DIR", help="Folder of reference sources, same layout and names."),
     mixtures: Optional[Path] = typer.Option(
-        None, "--mixtures", "-m", help="Folder of mixtures as <mixture>.wav, for SI-SDRi (default: references/<mixture>/mixture.wav)."
+        None, "--mixtures", metavar="DIR", help="Folder of mixtures as <mixture>.wav, for SI-SDRi (default: mixture.wav beside the references). Folders only."
     ),
-    out: Path = typer.Option(Path("eval_report"), "--out", "-o", help="Folder for report.json, scores.csv, summary.csv and summary.md."),
+    out: Path = typer.Option(Path("eval_report"), "--out", "-o", metavar="DIR", help="Folder for report.json, scores.csv, summary.csv and summary.md."),
     by_source: bool = typer.Option(False, "--by-source", help="Also summarize per source name (e.g. per instrument)."),
     json_output: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout instead of tables."),
-    model: Optional[str] = typer.Option(None, "--model", help="Evaluate a separator (run directory or Hub id; 'default' = the shipped one) on --data instead of folders."),
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="Dataset directory (or Hub id) whose fixed test mixtures --model separates, each source with its own query."),
-    query_modality: Optional[List[str]] = typer.Option(None, "--query-modality", help="text (default), audio (another clip of the class), image (the source's video frame) or omni; repeat for several."),
-    split: str = typer.Option("test", "--split", help="With --data: which split's fixed mixtures."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="With --data: only the first N mixtures."),
-    clap_encoder: Optional[str] = typer.Option(None, "--clap-encoder", help="With --data: encoder for the CLAP score (default: the model's query encoder), e.g. laion-clap:630k-audioset."),
-    device: Optional[str] = typer.Option(None, "--device", help="With --data: cuda or cpu."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", metavar="RUN", help="Evaluate a separator (run directory or Hub id; 'default' = the shipped one) on --data instead of folders."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", metavar="DATASET", help="Dataset directory (or Hub id) whose fixed test mixtures --model separates, each source with its own query."),
+    query_modality: Optional[List[str]] = typer.Option(None, "--query-modality", metavar="MODALITY", help="text (default), audio (another clip of the class), image (the source's video frame) or omni; repeat for several."),
+    split: str = typer.Option("test", "--split", metavar="SPLIT", help="With --data: which split's fixed mixtures."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, metavar="N", help="With --data: only the first N mixtures."),
+    clap_encoder: Optional[str] = typer.Option(None, "--clap-encoder", metavar="SPEC", help="With --data: encoder for the CLAP score (default: the model's query encoder), e.g. laion-clap:630k-audioset."),
+    device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="With --data: cuda or cpu."),
     push_to: Optional[str] = PUSH_TO_OPTION,
     reuse: bool = REUSE_OPTION,
 ) -> None:
     with user_errors():
         if model is not None or data is not None:
+            for name, value in (("--estimates", estimates), ("--references", references), ("--mixtures", mixtures)):
+                if value is not None:
+                    raise MarsctlError(f"{name} scores folders; it cannot be combined with --model/--data")
             _eval_model(model, data, query_modality or ["text"], split, limit, clap_encoder, device, out, json_output,
                         push_to=push_to, reuse=reuse)
             return
@@ -66,9 +62,16 @@ def eval_command(
             raise typer.BadParameter("--push-to and --reuse apply to --model/--data evaluations")
         if estimates is None or references is None:
             raise typer.BadParameter("give --estimates and --references (folders), or --model and --data")
+        from marsctl.eval import evaluate_folders, write_report
+        from marsctl.eval.scoring import DB_FLOOR
+        from marsctl.eval.tables import summary_table
+
         report = evaluate_folders(
             estimates, references, mixtures, progress=lambda it, total, desc: track(it, total, desc, err_console)
         )
+        floored = sum("scored at the floor" in r.note for r in report.rows)
+        if floored:
+            err_console.print(f"[yellow]note:[/] {floored} silent estimate(s) scored at the floor ({DB_FLOOR:g} dB) and kept in the means", highlight=False)
         if not report.rows and report.failures:
             for failure in report.failures:
                 err_console.print(f"[red]failed:[/] {failure}", highlight=False, soft_wrap=True)
@@ -90,8 +93,9 @@ def eval_command(
 
 
 def _eval_model(model, data, modalities, split, limit, clap_encoder, device, out, json_output, *, push_to=None, reuse=False) -> None:
-    """``--model M --data D``: marsctl.evaluation separates and scores; this prints."""
-    from marsctl.evaluation import evaluate_model_on_dataset, summarize, summary_rich_table
+    """``--model M --data D``: marsctl.eval.model separates and scores; this prints."""
+    from marsctl.eval.model import count_test_mixtures, evaluate_model_on_dataset, summarize
+    from marsctl.eval.tables import summary_rich_table
     from marsctl.hub import optional_artifact, resolve_artifact, run_stage
 
     if data is None:
@@ -100,7 +104,9 @@ def _eval_model(model, data, modalities, split, limit, clap_encoder, device, out
     produced: dict = {}
 
     def _evaluate() -> dict:
-        with track_mixtures() as on_mixture:
+        total = count_test_mixtures(inputs["data"], split, limit)
+        with stage_progress("Separating and scoring mixtures", total, console=err_console) as advance:
+            on_mixture = lambda mixture_id: advance()  # noqa: E731
             produced["rows"], produced["paths"] = evaluate_model_on_dataset(model, data, out, modalities, split, limit, clap_encoder, device, on_mixture)
         return summarize(produced["rows"])
 
@@ -122,15 +128,6 @@ def _eval_model(model, data, modalities, split, limit, clap_encoder, device, out
     else:
         console.print(summary_rich_table(summarize(rows), title=f"{len(rows)} scored sources (mixture, model, ideal-ratio-mask oracle)"))
         console.print(f"Wrote {', '.join(p.name for p in paths.values())} to {out}")
-
-
-@contextlib.contextmanager
-def track_mixtures():
-    from rich.progress import Progress
-
-    with Progress(console=err_console, transient=True) as progress:
-        task = progress.add_task("Separating and scoring mixtures", total=None)
-        yield lambda mixture_id: progress.advance(task)
 
 
 def register(app: typer.Typer) -> None:

@@ -31,43 +31,44 @@ PUSH_TO_OPTION = typer.Option(
     None,
     "--push-to",
     metavar="ORG/NAME",
-    help="When the stage finishes, push its output to this Hub repo (dataset or model repo, chosen by kind) "
-    "with a generated card. Needs HF_TOKEN or `hf auth login`.",
+    help="Push the finished output to this Hub repo, with a card (needs a token).",
 )
 #: ``--reuse`` for every long stage (use as ``reuse: bool = REUSE_OPTION``).
 REUSE_OPTION = typer.Option(
     False,
-    "--reuse/--no-reuse",
-    help="If an artifact made from the same config and inputs exists (in --out, in the Hugging Face cache, or "
-    "on the Hub at --push-to), use it instead of recomputing. Matched by the stage hash in its card.",
+    "--reuse",
+    metavar="",
+    help="Use an artifact made from the same config and inputs (in --out, the Hugging Face cache or at "
+    "--push-to) instead of recomputing.",
 )
 
 
 @hub_app.command("push")
 def push(
-    path: Path = typer.Argument(..., metavar="PATH", help="Artifact directory: a dataset build, encoder, separator/policy run, or eval report."),
+    path: Path = typer.Argument(..., metavar="PATH", help="Artifact folder: dataset, encoder, run or eval report."),
     repo_id: str = typer.Argument(..., metavar="ORG/NAME", help="Hub repo to push to (created if missing)."),
     kind: Optional[str] = typer.Option(
-        None, "--kind",
-        help="Artifact kind if it cannot be detected: dataset, reward-encoder, separator, rl-policy, eval-report.",
+        None, "--kind", metavar="KIND",
+        help="dataset, reward-encoder, separator, rl-policy or eval-report, when the folder does not say.",
     ),
     include_checkpoints: bool = typer.Option(
-        False, "--include-checkpoints",
-        help="Also send checkpoints/ (weights + optimizer state for resuming training); by default only the final model.",
+        False, "--include-checkpoints", metavar="", help="Also send checkpoints/ (for resuming training).",
     ),
-    private: Optional[bool] = typer.Option(None, "--private/--public", help="Visibility of a newly created repo (default: the Hub's)."),
-    message: Optional[str] = typer.Option(None, "--message", "-m", help="Commit message."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Show the files that would be sent and the card; send nothing."),
-    show_card: bool = typer.Option(False, "--show-card", help="With --dry-run, print the whole generated card."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    private: Optional[bool] = typer.Option(
+        None, "--private/--public", metavar="", help="Visibility of a new repo (default: the Hub's)."
+    ),
+    message: Optional[str] = typer.Option(None, "--message", metavar="TEXT", help="Commit message."),
+    dry_run: bool = typer.Option(False, "--dry-run", metavar="", help="List the files and the card; send nothing."),
+    show_card: bool = typer.Option(False, "--show-card", metavar="", help="With --dry-run, print the whole card."),
+    as_json: bool = typer.Option(False, "--json", metavar="", help="Print the result as JSON."),
 ) -> None:
-    """Push an artifact directory to a Hub repo of the right type, with a generated card (README.md).
+    """Push an artifact folder to a Hub repo of the right type, with a generated card (README.md).
 
     Example: [bold]marsctl hub push runs/align/encoder my-org/mars-reward-encoder[/]
 
-    The kind is detected (dataset.json: dataset repo; config.json of an encoder, separator or RL policy: model repo; summary.json/CSV tables: eval report, dataset repo). The card records the config, the recipe, the metrics, how the artifact was made and its content hash; it is also written into the directory.
+    The kind (dataset: dataset repo; reward encoder, separator, RL policy: model repo; eval report: dataset repo) is read from dataset.json or artifact.json, which every stage writes; an older artifact's kind is guessed from its files, with a note. The card records the config, the recipe, the metrics, how the artifact was made and its content hash; it is also written into the folder.
 
-    Caches, temporary files (.*.tmp*), locks, __pycache__, token files and checkpoints/ are not sent, and a file containing a token stops the push.
+    Caches, temporary files (.*.tmp*), locks, __pycache__, token files and checkpoints/ are not sent. A file containing the token or a token-shaped string, or a symlink leading outside the folder, stops the push.
 
     Large folders go up in several commits; if an upload is interrupted, run the same command again: what is already on the Hub is skipped.
     """
@@ -80,6 +81,8 @@ def push(
                 print(json.dumps({"repo_id": plan.repo_id, "repo_type": plan.repo_type, "kind": plan.info.kind,
                                   "files": plan.files, "content_sha256": plan.content_fingerprint}, indent=2))
                 return
+            if plan.info.kind_note:
+                err_console.print(f"note: {plan.info.kind_note}", highlight=False, soft_wrap=True)
             console.print(f"[bold]{plan.info.kind}[/] {plan.info.path} -> {plan.repo_type} repo [bold]{plan.repo_id}[/]")
             console.print(f"{len(plan.files)} files would be sent (README.md is the generated card):")
             for name in plan.files[:50]:
@@ -92,6 +95,8 @@ def push(
             return
         result = push_artifact(path, repo_id, kind=kind, include_checkpoints=include_checkpoints, private=private,
                                commit_message=message)
+        if result.kind_note:
+            err_console.print(f"note: {result.kind_note}", highlight=False, soft_wrap=True)
         if as_json:
             print(json.dumps({"repo_id": result.repo_id, "repo_type": result.repo_type, "kind": result.kind,
                               "commit": result.commit, "url": result.commit_url, "spec": result.spec,
@@ -104,8 +109,12 @@ def push(
 
 @hub_app.command("pull")
 def pull(
-    spec: str = typer.Argument(..., metavar="ORG/NAME[@REVISION]", help="Hub artifact; prefix datasets/ or models/ to force the repo type."),
-    repo_type: Optional[str] = typer.Option(None, "--repo-type", help="model or dataset (default: try model, then dataset)."),
+    spec: str = typer.Argument(
+        ..., metavar="ORG/NAME[@REV]", help="Hub artifact; a datasets/ or models/ prefix sets the repo type."
+    ),
+    repo_type: Optional[str] = typer.Option(
+        None, "--repo-type", metavar="TYPE", help="model or dataset (default: try model, then dataset)."
+    ),
 ) -> None:
     """Download a Hub artifact into the Hugging Face cache and print its local folder.
 

@@ -7,6 +7,7 @@ and exit with status 2.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Optional
 
@@ -42,6 +43,65 @@ eval_cli.register(app)
 hub_cli.register(app)
 train_cli.register(app)
 separate_cli.register(app)
+
+
+def _show_no_type_for_flags() -> None:
+    """Typer 0.29 prints a type column for every option, ``<bool>`` for on/off flags and
+    ``<str>`` for plain text: noise that pushes the help text off an 80-column terminal.
+    Flags and plain-text parameters show no type (an explicit ``metavar`` still shows)."""
+    from typer.core import TyperArgument, TyperOption
+
+    for cls in (TyperOption, TyperArgument):
+        original = cls.display_type_rich
+
+        def display_type_rich(self, ctx, _original=original):
+            plain_text = self.display_type(ctx) == "<str>" and (self.metavar is None or isinstance(self, TyperArgument))
+            if getattr(self, "is_flag", False) or plain_text:
+                return None
+            return _original(self, ctx)
+
+        cls.display_type_rich = display_type_rich
+
+
+_show_no_type_for_flags()
+
+
+def reflow_help(text: str | None) -> str | None:
+    """Help text with each paragraph's hard line breaks joined, so the terminal wraps it.
+
+    Docstrings are wrapped at ~100 columns in the source; typer keeps single line breaks
+    after the first paragraph, which breaks sentences in the middle at 80 columns. Lines that
+    start a list item (``-``, ``*``, ``•``), are indented (examples, tables) or start with
+    ``Example`` keep their own line.
+    """
+    if not text:
+        return text
+    paragraphs = []
+    for paragraph in inspect.cleandoc(text).split("\n\n"):
+        lines: list[str] = []
+        for line in paragraph.split("\n"):
+            keep = not lines or line.startswith((" ", "\t", "-", "*", "•", "\b", "Example")) or lines[-1].endswith(":")
+            if keep:
+                lines.append(line)
+            else:
+                lines[-1] = f"{lines[-1].rstrip()} {line.strip()}"
+        paragraphs.append("\n".join(lines))
+    return "\n\n".join(paragraphs)
+
+
+def _reflow_command_help(typer_app: typer.Typer) -> None:
+    """Reflow the help of every command and group under ``typer_app`` (see :func:`reflow_help`)."""
+    for command in typer_app.registered_commands:
+        if command.help is None and command.callback is not None:
+            command.help = reflow_help(inspect.getdoc(command.callback))
+        else:
+            command.help = reflow_help(command.help)
+    for group in typer_app.registered_groups:
+        group.typer_instance.info.help = reflow_help(group.typer_instance.info.help)
+        _reflow_command_help(group.typer_instance)
+
+
+_reflow_command_help(app)
 
 err_console = Console(stderr=True)
 

@@ -1,4 +1,4 @@
-"""Dataset builders: recipes, fetch (soundfont / folder / online video), filter, mix, manifests.
+"""Dataset builders: recipes, fetch (a source kind of :mod:`marsctl.data.sources`), filter, mix, manifests.
 
 See :mod:`marsctl.data.manifest` for the dataset layout and the manifest schema.
 """

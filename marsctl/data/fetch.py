@@ -1,4 +1,4 @@
-"""The fetch stage: turn a recipe's source (soundfont, folder tree, online videos) into clips.
+"""The fetch stage: turn a recipe's source (a kind from :mod:`marsctl.data.sources`) into clips.
 
 Work is split into units (one video segment, one file, one rendered class). A finished
 unit writes ``state/fetch/<unit_id>.json`` atomically, so a rerun skips it and a killed
@@ -10,7 +10,6 @@ lists both at the end.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -18,11 +17,11 @@ from pathlib import Path
 from typing import Callable
 
 from marsctl.data.paths import safe_id
-from marsctl.data.progress import stage_progress
 from marsctl.data.recipe import DataRecipe
 from marsctl.data.records import ClipRecord, SkippedRow, WorkUnit
-from marsctl.errors import ConfigError
+from marsctl.data.sources import source_module
 from marsctl.files import write_json_atomic, write_text_atomic
+from marsctl.progress import stage_progress
 
 STATE_FETCH = "state/fetch"
 FETCHED_INDEX = "state/fetched.json"
@@ -67,44 +66,15 @@ class FetchResult:
 def apply_options(recipe: DataRecipe, options: FetchOptions, dataset_dir: Path | None = None) -> DataRecipe:
     """The recipe with the command-line overrides that change what is fetched (recorded in the card).
 
-    A folder recipe rebuilt into the same directory without ``--root`` takes the root the
-    earlier build recorded in ``dataset.json``.
+    Each source module applies the options that concern it (its optional ``apply_options``).
     """
-    if options.mirror and recipe.youtube is not None:
-        recipe = dataclasses.replace(recipe, youtube=dataclasses.replace(recipe.youtube, mirror=options.mirror))
-    if options.cookies and recipe.youtube is not None:
-        cookies = Path(options.cookies).expanduser()
-        if not cookies.is_file():
-            raise ConfigError(f"{cookies}: no such cookies file")
-        recipe = dataclasses.replace(recipe, youtube=dataclasses.replace(recipe.youtube, cookies_file=str(cookies.resolve())))
-    if options.root and recipe.folder is not None:
-        root = str(Path(options.root).expanduser().resolve())
-        recipe = dataclasses.replace(recipe, folder=dataclasses.replace(recipe.folder, root=root))
-    elif recipe.folder is not None and not recipe.folder.root and dataset_dir is not None:
-        from marsctl.data.folder import root_from_card
-
-        root = root_from_card(Path(dataset_dir), recipe.name)
-        if root:
-            recipe = dataclasses.replace(recipe, folder=dataclasses.replace(recipe.folder, root=root))
-    return recipe
-
-
-def _source_module(kind: str):
-    if kind == "soundfont":
-        from marsctl.data import soundfont as module
-    elif kind == "folder":
-        from marsctl.data import folder as module
-    else:
-        from marsctl.data import youtube as module
-    return module
+    module = source_module(recipe.source_kind)
+    apply = getattr(module, "apply_options", None)
+    return apply(recipe, options, dataset_dir) if apply is not None else recipe
 
 
 def plan(recipe: DataRecipe, dataset_dir: Path, options: FetchOptions) -> tuple[list[WorkUnit], list[SkippedRow]]:
-    module = _source_module(recipe.source_kind)
-    if recipe.source_kind == "soundfont":
-        units, skipped = module.plan_units(recipe)
-    else:
-        units, skipped = module.plan_units(recipe, dataset_dir, options)
+    units, skipped = source_module(recipe.source_kind).plan_units(recipe, dataset_dir, options)
     if options.limit is not None:
         units = units[: max(0, options.limit)]
     return units, skipped
@@ -130,7 +100,7 @@ def fetch(recipe: DataRecipe, dataset_dir: str | Path, options: FetchOptions | N
     options = options or FetchOptions()
     dataset_dir = Path(dataset_dir)
     recipe = apply_options(recipe, options, dataset_dir)
-    module = _source_module(recipe.source_kind)
+    module = source_module(recipe.source_kind)
     units, skipped = plan(recipe, dataset_dir, options)
     result = FetchResult(skipped=list(skipped))
     done: dict[str, list[ClipRecord]] = {}
@@ -169,9 +139,7 @@ def fetch(recipe: DataRecipe, dataset_dir: str | Path, options: FetchOptions | N
 
 
 def _default_workers(recipe: DataRecipe) -> int:
-    if recipe.youtube is not None:
-        return recipe.youtube.workers
-    return 1
+    return int(getattr(recipe.source, "workers", 1) or 1)
 
 
 def _finish(dataset_dir: Path, unit: WorkUnit, records: list[ClipRecord]) -> list[ClipRecord]:

@@ -37,7 +37,7 @@ import torchaudio.functional as AF
 from marsctl.audio import load_audio
 from marsctl.data.manifest import write_clips
 from marsctl.data.paths import UnsafePathError, inside, safe_id
-from marsctl.data.progress import stage_progress
+from marsctl.progress import stage_progress
 from marsctl.data.recipe import DataRecipe, FilterConfig
 from marsctl.data.records import ClipRecord, fingerprint
 from marsctl.errors import AudioError, ConfigError
@@ -188,6 +188,9 @@ def filter_clips(
                 "frame_paths": list(record.frame_paths),
                 "sample_rate": sr,
                 "source": record.source,
+                "group": record.group,
+                "soundfont": record.soundfont,
+                "family": record.family,
             }
             key = dict(base_key, file=_file_stamp(dataset_dir, record.audio_path))
             if cached is not None and cached.get("key") == key:

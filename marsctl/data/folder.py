@@ -51,6 +51,17 @@ def root_from_card(dataset_dir: Path, name: str) -> str | None:
     return None
 
 
+def apply_options(recipe: DataRecipe, options, dataset_dir: Path | None = None) -> DataRecipe:
+    """``--root`` into the recipe; without it, a rebuild into the same directory takes the card's root."""
+    if options.root:
+        return recipe.with_source(root=str(Path(options.root).expanduser().resolve()))
+    if not recipe.source.root and dataset_dir is not None:
+        root = root_from_card(Path(dataset_dir), recipe.name)
+        if root:
+            return recipe.with_source(root=root)
+    return recipe
+
+
 def plan_units(recipe: DataRecipe, dataset_dir: Path, options) -> tuple[list[WorkUnit], list[SkippedRow]]:
     source = recipe.folder
     assert source is not None

@@ -13,7 +13,9 @@ A dataset directory built by ``marsctl data build`` looks like this::
 
 Manifests are Hugging Face ``datasets`` tables saved as Parquet (the ``datasets`` feature
 types travel in the Parquet schema metadata). All paths inside them are relative to the
-dataset directory and use ``/``.
+dataset directory and use ``/``; the loaders refuse a manifest with an absolute path or one
+climbing out with ``..`` (:data:`PATH_COLUMNS`), so nothing reads files outside the dataset
+through a manifest.
 
 ``clips.parquet`` (:data:`CLIP_FEATURES`):
 
@@ -36,18 +38,24 @@ loudness_lufs      float64         integrated loudness, ITU-R BS.1770 (-120 for 
 rms_db             float64         RMS level in dBFS
 peak_db            float64         sample peak in dBFS
 semantic_margin    float64 (null)  cos(audio, own label) - max cos(audio, other label); null if not run
+group              string          recording group (a melody, a recording); ``""`` if the source has none
+soundfont          string          the soundfont that rendered the clip; ``""`` for recorded audio
+family             string          in a union dataset, the member dataset it came from; else ``""``
 =================  ==============  =====================================================
 
 ``mixtures.parquet`` (:data:`MIXTURE_FEATURES`): ``mixture_id``, ``split``, ``mixture_path``,
 ``source_clip_ids``, ``source_labels``, ``source_paths`` (each source *as it sits in the mix*),
 ``source_frame_paths`` (list of lists), ``source_offsets`` (sample offset of the crop in
 each clip), ``gains`` (gain applied to each clip), ``snr_db`` (null for the OmniSep
-``/2`` recipe), ``seed``.
+``/2`` recipe), ``seed``, ``source_families`` (each source's ``family``) and ``pair_type``
+(``within`` / ``across`` families when the recipe's ``mix.pairing`` drew it, else ``""``).
+
+Columns added after a dataset was built (:data:`ADDED_COLUMNS`) read as their default.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Mapping
 
 import datasets
@@ -81,6 +89,9 @@ CLIP_FEATURES = datasets.Features(
         "rms_db": datasets.Value("float64"),
         "peak_db": datasets.Value("float64"),
         "semantic_margin": datasets.Value("float64"),
+        "group": datasets.Value("string"),
+        "soundfont": datasets.Value("string"),
+        "family": datasets.Value("string"),
     }
 )
 
@@ -97,8 +108,13 @@ MIXTURE_FEATURES = datasets.Features(
         "gains": datasets.Sequence(datasets.Value("float64")),
         "snr_db": datasets.Value("float64"),
         "seed": datasets.Value("int64"),
+        "source_families": datasets.Sequence(datasets.Value("string")),
+        "pair_type": datasets.Value("string"),
     }
 )
+
+#: columns newer than schema version 1's first manifests -> how to fill them in an older file
+ADDED_COLUMNS: dict[str, Any] = {"group": "", "soundfont": "", "family": "", "pair_type": "", "source_families": None}
 
 SPLITS = ("train", "val", "test")
 
@@ -113,12 +129,12 @@ def write_manifest(path: str | Path, rows: Iterable[Mapping[str, Any]], features
     names = list(features)
     columns: dict[str, list[Any]] = {name: [] for name in names}
     for i, row in enumerate(rows):
-        missing = [n for n in names if n not in row]
+        missing = [n for n in names if n not in row and n not in ADDED_COLUMNS]
         extra = [k for k in row if k not in columns]
         if missing or extra:
             raise ManifestError(f"{path}: row {i} does not match the schema (missing {missing}, unknown {extra})")
         for name in names:
-            columns[name].append(row[name])
+            columns[name].append(row[name] if name in row else _added_default(name, row))
     table = datasets.Dataset.from_dict(columns, features=features)
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -145,10 +161,65 @@ def _load(path: Path, features: datasets.Features) -> datasets.Dataset:
         table = pq.read_table(str(path))
     except Exception as exc:  # pyarrow raises several unrelated types for a bad file
         raise ManifestError(f"{path}: not a readable Parquet manifest ({exc})") from exc
-    missing = [name for name in features if name not in table.column_names]
+    missing = [name for name in features if name not in table.column_names and name not in ADDED_COLUMNS]
     if missing:
         raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}")
-    return datasets.Dataset(table)
+    ds = datasets.Dataset(table)
+    for name in features:
+        if name not in ds.column_names:  # a manifest written before the column existed
+            rows = ds.select_columns(["source_labels"]) if name == "source_families" else [{}] * len(ds)
+            ds = ds.add_column(name, [_added_default(name, row) for row in rows], feature=features[name])
+    _check_paths(path, ds)
+    return ds
+
+
+#: columns holding paths relative to the dataset directory (a string, a list, or a list of lists)
+PATH_COLUMNS = ("audio_path", "frame_paths", "mixture_path", "source_paths", "source_frame_paths")
+
+
+def is_dataset_relative(text: str) -> bool:
+    """Whether ``text`` is a relative path that stays inside the dataset (no absolute path, ``..`` or ``\\``)."""
+    if "\\" in text or "\x00" in text:
+        return False
+    path = PurePosixPath(text)
+    return not path.is_absolute() and ".." not in path.parts and not (path.parts and ":" in path.parts[0])
+
+
+def _check_paths(path: Path, ds: datasets.Dataset) -> None:
+    """Refuse a manifest whose paths point outside its dataset (one line naming the row and column)."""
+    id_column = "clip_id" if "clip_id" in ds.column_names else "mixture_id"
+    for column in PATH_COLUMNS:
+        if column not in ds.column_names:
+            continue
+        for i, value in enumerate(ds[column]):
+            for text in _strings(value):
+                if not is_dataset_relative(text):
+                    raise ManifestError(
+                        f"{path}: row {i} ({ds[i][id_column]}): {column} {text!r} is not a path inside the dataset "
+                        "(absolute, or climbs out with '..')"
+                    )
+
+
+def _strings(value: Any) -> Iterable[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
+
+
+def dataset_file(dataset_dir: str | Path, relative: str) -> Path:
+    """``dataset_dir / relative`` for a path read from a manifest; refuses one that leaves the dataset."""
+    if not is_dataset_relative(relative):
+        raise ManifestError(f"{dataset_dir}: {relative!r} is not a path inside the dataset (absolute, or climbs out with '..')")
+    return Path(dataset_dir) / relative
+
+
+def _added_default(name: str, row: Mapping[str, Any]) -> Any:
+    """The value of a column of :data:`ADDED_COLUMNS` that a row (or an older file) lacks."""
+    if name == "source_families":
+        return [""] * len(row.get("source_labels") or [])
+    return ADDED_COLUMNS[name]
 
 
 def load_clips(dataset_dir: str | Path, *, kept_only: bool = False, split: str | None = None) -> datasets.Dataset:

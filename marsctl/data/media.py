@@ -9,7 +9,6 @@ temporary directory renamed into place when complete.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 import ffmpeg
@@ -17,6 +16,7 @@ import numpy as np
 
 from marsctl.audio import save_audio
 from marsctl.errors import AudioError
+from marsctl.files import make_temp_dir
 
 
 def _reason(exc: ffmpeg.Error) -> str:
@@ -74,7 +74,7 @@ def extract_frames(
     """Write ``fps`` frames per second as ``size``-px square JPEGs into ``frames_dir``; returns the names."""
     frames_dir = Path(frames_dir)
     frames_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{frames_dir.name}.", dir=frames_dir.parent))
+    tmp = make_temp_dir(frames_dir.parent, f".{frames_dir.name}.")  # the umask's mode, not 0700
     kwargs = {"ss": start_s} if start_s > 0 else {}
     if duration_s is not None:
         kwargs["t"] = duration_s

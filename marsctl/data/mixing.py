@@ -13,6 +13,18 @@ A mixture draws ``num_sources`` distinct labels, one kept clip of each, and a ra
 window of ``signal.segment_samples`` samples from each clip (zero-padded if shorter).
 Fixed mixture ``i`` of split ``s`` is drawn from a generator seeded by ``(mix.seed, s, i)``,
 so a rerun, or a run resumed after a kill, writes the same mixtures.
+
+Which labels (class balance):
+
+- by default every label is equally likely, whatever its number of clips (a class
+  uniformly, then a clip of it); ``DynamicMixDataset(balance="clip")`` instead makes every
+  clip equally likely, so classes count in proportion to their clips;
+- with ``mix.pairing`` (``{within: p, across: q}``; datasets whose clips have a ``family``,
+  e.g. a union of instruments and everyday sounds) a mixture is first drawn "within" (all
+  sources from one family, the family uniformly) or "across" (sources from different
+  families) with those shares, then labels uniformly inside the families, then clips. The
+  mixture manifest records ``pair_type`` and ``source_families`` so that evaluation can report
+  instrument pairs, everyday pairs and cross pairs apart.
 """
 
 from __future__ import annotations
@@ -31,9 +43,9 @@ from torch.utils.data import Dataset
 
 from marsctl.audio import load_audio, save_audio
 from marsctl.config import SignalConfig
-from marsctl.data.manifest import SPLITS, load_clips, write_mixtures
+from marsctl.data.manifest import CARD_FILE, SPLITS, load_clips, write_mixtures
 from marsctl.data.paths import inside, label_dirname
-from marsctl.data.progress import stage_progress
+from marsctl.progress import stage_progress
 from marsctl.data.recipe import DataRecipe, MixConfig
 from marsctl.data.records import fingerprint
 from marsctl.errors import MarsctlError
@@ -49,15 +61,78 @@ class ClipRef:
     label: str
     audio_path: str
     frame_paths: tuple[str, ...]
+    family: str = ""
 
 
 def _pool_by_label(clips) -> dict[str, list[ClipRef]]:
     pool: dict[str, list[ClipRef]] = {}
     for row in clips:
         pool.setdefault(row["label"], []).append(
-            ClipRef(row["clip_id"], row["label"], row["audio_path"], tuple(row["frame_paths"] or ()))
+            ClipRef(row["clip_id"], row["label"], row["audio_path"], tuple(row["frame_paths"] or ()), row.get("family") or "")
         )
     return {label: sorted(refs, key=lambda r: r.clip_id) for label, refs in sorted(pool.items())}
+
+
+def _families(pool: dict[str, list[ClipRef]]) -> dict[str, list[str]]:
+    """family -> its labels (sorted); a label whose clips come from two families is in both."""
+    families: dict[str, set[str]] = {}
+    for label, refs in pool.items():
+        for ref in refs:
+            families.setdefault(ref.family, set()).add(label)
+    return {family: sorted(labels) for family, labels in sorted(families.items())}
+
+
+def choose_labels(
+    rng: np.random.Generator,
+    pool: dict[str, list[ClipRef]],
+    num_sources: int,
+    pairing: dict[str, float] | None = None,
+    balance: str = "class",
+) -> tuple[list[str], list[str], str]:
+    """(labels, the family each source is taken from, pair type) of one mixture.
+
+    The pair type is ``""`` without ``pairing``, else ``within`` or ``across``; a type that the
+    pool cannot make (one family only, too few labels in every family) is not drawn.
+    """
+    labels = list(pool)
+    if not pairing or num_sources < 2:
+        if balance == "clip":
+            counts = np.array([len(pool[label]) for label in labels], dtype=np.float64)
+            picked = rng.choice(len(labels), size=num_sources, replace=False, p=counts / counts.sum())
+        else:
+            picked = rng.choice(len(labels), size=num_sources, replace=False)
+        return [labels[i] for i in picked], [], ""
+    families = _families(pool)
+    names = list(families)
+    within_ok = [f for f in names if len(families[f]) >= num_sources]
+    weights = {
+        "within": float(pairing.get("within", 0.0)) if within_ok else 0.0,
+        "across": float(pairing.get("across", 0.0)) if len(names) >= 2 and len(labels) >= num_sources else 0.0,
+    }
+    total = weights["within"] + weights["across"]
+    if total <= 0:
+        raise MarsctlError(
+            f"mix.pairing {dict(pairing)}: cannot draw {num_sources}-source mixtures from families "
+            + ", ".join(f"{f or '(none)'}: {len(families[f])} label(s)" for f in names)
+        )
+    if rng.random() < weights["within"] / total:
+        family = within_ok[int(rng.integers(len(within_ok)))]
+        members = families[family]
+        return [members[i] for i in rng.choice(len(members), size=num_sources, replace=False)], [family] * num_sources, "within"
+    first, second = (names[i] for i in rng.choice(len(names), size=2, replace=False))
+    chosen = [(first, families[first][int(rng.integers(len(families[first])))])]
+    others = [label for label in families[second] if label != chosen[0][1]]
+    if not others:  # the second family holds only the first label
+        others_families = [f for f in names if f != first and any(label != chosen[0][1] for label in families[f])]
+        second = others_families[int(rng.integers(len(others_families)))]
+        others = [label for label in families[second] if label != chosen[0][1]]
+    chosen.append((second, others[int(rng.integers(len(others)))]))
+    rest = [(f, label) for f in names for label in families[f] if label not in {c[1] for c in chosen}]
+    while len(chosen) < num_sources:
+        family, label = rest[int(rng.integers(len(rest)))]
+        chosen.append((family, label))
+        rest = [(f, lab) for f, lab in rest if lab != label]
+    return [label for _, label in chosen], [family for family, _ in chosen], "across"
 
 
 def read_window(path: Path, offset: int, length: int, sample_rate: int) -> np.ndarray:
@@ -92,13 +167,21 @@ def draw_mixture(
     mix: MixConfig,
     num_sources: int,
     lengths: dict[str, int] | None = None,
+    balance: str = "class",
 ) -> dict[str, Any]:
-    """One random mixture: distinct labels, one clip each, a window each, gains by ``mix.mode``."""
+    """One random mixture: distinct labels, one clip each, a window each, gains by ``mix.mode``.
+
+    Labels follow ``mix.pairing`` and ``balance`` (see :func:`choose_labels`).
+    """
     labels = list(pool)
     if len(labels) < num_sources:
         raise MarsctlError(f"{dataset_dir}: need clips of at least {num_sources} labels to mix, found {len(labels)}")
-    chosen = [labels[i] for i in rng.choice(len(labels), size=num_sources, replace=False)]
-    refs = [pool[label][int(rng.integers(len(pool[label])))] for label in chosen]
+    chosen, families, pair_type = choose_labels(rng, pool, num_sources, mix.pairing, balance)
+    if families:  # a clip of the label from the family drawn
+        candidates = [[r for r in pool[label] if r.family == family] for label, family in zip(chosen, families)]
+    else:
+        candidates = [pool[label] for label in chosen]
+    refs = [refs[int(rng.integers(len(refs)))] for refs in candidates]
     T = signal.segment_samples
     offsets, waves = [], []
     for ref in refs:
@@ -126,7 +209,7 @@ def draw_mixture(
         mixture *= scale
         gains = [g * scale for g in gains]
     return {"refs": refs, "offsets": offsets, "gains": [float(g) for g in gains], "snr_db": snr_db,
-            "sources": sources.astype(np.float32), "mixture": mixture.astype(np.float32)}
+            "sources": sources.astype(np.float32), "mixture": mixture.astype(np.float32), "pair_type": pair_type}
 
 
 def make_mixtures(recipe: DataRecipe, dataset_dir: str | Path, *, progress: bool = True) -> list[dict[str, Any]]:
@@ -171,6 +254,8 @@ def make_mixtures(recipe: DataRecipe, dataset_dir: str | Path, *, progress: bool
                     "gains": drawn["gains"],
                     "snr_db": drawn["snr_db"],
                     "seed": mix.seed,
+                    "source_families": [r.family for r in drawn["refs"]],
+                    "pair_type": drawn["pair_type"],
                 }
                 stamps = [_stamp(inside(dataset_dir, ref.audio_path)) for ref in drawn["refs"]]
                 digest = fingerprint(row, stamps, signal.sample_rate, signal.segment_samples)
@@ -224,11 +309,17 @@ class DynamicMixDataset(Dataset):
 
         {"mixture": FloatTensor[T], "sources": FloatTensor[S, T] (as they sit in the mix),
          "labels": list[str], "clip_ids": list[str],
-         "frame_paths": list[list[str]]  (absolute paths, [] where a clip has no frames)}
+         "frame_paths": list[list[str]]  (absolute paths, [] where a clip has no frames),
+         "families": list[str] ("" for a dataset without families)}
 
     with ``T = signal_config.segment_samples``; labels are distinct within a mixture. The
     gains follow ``mode`` as for the fixed mixtures (OmniSep ``/2`` by default). ``length``
     is the number of items per epoch (default: the number of kept clips in the split).
+
+    ``balance``: ``"class"`` (default) draws a class uniformly, then a clip of it; ``"clip"``
+    draws classes in proportion to their clips. ``pairing`` (``{within: p, across: q}``, see
+    the module docstring) defaults to the ``mix.pairing`` of the recipe in the dataset's card,
+    so a union dataset trains with the pair types it is evaluated on; ``{}`` switches it off.
     """
 
     def __init__(
@@ -242,14 +333,21 @@ class DynamicMixDataset(Dataset):
         mode: str = "omnisep",
         snr_db_range: tuple[float, float] = (-5.0, 5.0),
         length: int | None = None,
+        balance: str = "class",
+        pairing: dict[str, float] | None = None,
     ) -> None:
+        if balance not in ("class", "clip"):
+            raise MarsctlError(f"DynamicMixDataset: balance must be 'class' or 'clip', got {balance!r}")
         self.dataset_dir = Path(dataset_dir)
         self.split = split
         self.signal = signal_config or SignalConfig()
         self.num_sources = num_sources
         self.seed = seed
         self.epoch = 0
-        self.mix = MixConfig(num_sources=num_sources, mode=mode, snr_db_range=list(snr_db_range))
+        self.balance = balance
+        if pairing is None:
+            pairing = card_pairing(self.dataset_dir)
+        self.mix = MixConfig(num_sources=num_sources, mode=mode, snr_db_range=list(snr_db_range), pairing=dict(pairing))
         clips = load_clips(self.dataset_dir, kept_only=True, split=split)
         self.pool = _pool_by_label(clips)
         if len(self.pool) < num_sources:
@@ -274,7 +372,7 @@ class DynamicMixDataset(Dataset):
         if not 0 <= index < self.length:
             raise IndexError(index)
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        drawn = draw_mixture(rng, self.pool, self.dataset_dir, self.signal, self.mix, self.num_sources, self._lengths)
+        drawn = draw_mixture(rng, self.pool, self.dataset_dir, self.signal, self.mix, self.num_sources, self._lengths, self.balance)
         root = self.dataset_dir.resolve()
         return {
             "mixture": torch.from_numpy(drawn["mixture"]),
@@ -282,7 +380,18 @@ class DynamicMixDataset(Dataset):
             "labels": [r.label for r in drawn["refs"]],
             "clip_ids": [r.clip_id for r in drawn["refs"]],
             "frame_paths": [[str(root / p) for p in r.frame_paths] for r in drawn["refs"]],
+            "families": [r.family for r in drawn["refs"]],
         }
+
+
+def card_pairing(dataset_dir: Path) -> dict[str, float]:
+    """The ``mix.pairing`` recorded in a dataset's card ({} when there is none or no card)."""
+    try:
+        card = json.loads((Path(dataset_dir) / CARD_FILE).read_text(encoding="utf-8"))
+        pairing = card["config"]["mix"].get("pairing") or {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+    return dict(pairing) if isinstance(pairing, dict) else {}
 
 
 def collate_mixtures(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -293,4 +402,5 @@ def collate_mixtures(items: list[dict[str, Any]]) -> dict[str, Any]:
         "labels": [it["labels"] for it in items],
         "clip_ids": [it["clip_ids"] for it in items],
         "frame_paths": [it["frame_paths"] for it in items],
+        "families": [it.get("families", []) for it in items],
     }

@@ -1,6 +1,7 @@
 """Dataset recipes: one typed, frozen config per dataset, loaded from ``recipes/data/<name>.yaml``.
 
-A recipe says where clips come from (exactly one of ``soundfont``, ``folder``, ``youtube``),
+A recipe says where clips come from (exactly one source section, named by a kind registered in
+:mod:`marsctl.data.sources`: ``soundfont``, ``folder``, ``youtube``, ...),
 which labels exist, every filter threshold and how fixed mixtures are drawn. Recipes hold
 data only; unknown keys are errors (see :func:`marsctl.config.from_mapping`).
 """
@@ -8,18 +9,17 @@ data only; unknown keys are errors (see :func:`marsctl.config.from_mapping`).
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
-import marsctl
 from marsctl.config import SignalConfig, from_mapping, to_mapping
+from marsctl.data.sources import get_source, source_kinds
 from marsctl.errors import ConfigError
-
-#: where the recipes shipped with marsctl live (the repository's ``recipes/data``)
-RECIPES_DIR = Path(marsctl.__file__).resolve().parents[1] / "recipes" / "data"
+from marsctl.recipe_paths import find_recipe, list_recipes
 
 DEFAULT_SOUNDFONT = "/usr/share/sounds/sf2/FluidR3_GM.sf2"
 
@@ -45,6 +45,12 @@ class SoundfontSource:
     clips_per_class: dict[str, int] = field(default_factory=lambda: {"train": 16, "val": 4, "test": 6})
     clip_duration_s: float = 6.0
     soundfont: str = DEFAULT_SOUNDFONT
+    #: several soundfonts, each ``{name: ..., path: ..., package: <Debian package installing it>}``;
+    #: when given, each clip draws one of them (seeded per clip) and ``soundfont`` is not used
+    soundfonts: list[dict[str, str]] = field(default_factory=list)
+    #: split -> the ``soundfonts`` names its clips may use (a split not listed may use all), e.g.
+    #: leave-one-soundfont-out: ``{train: [a, b], val: [a, b], test: [c]}``
+    soundfonts_per_split: dict[str, list[str]] = field(default_factory=dict)
     #: random shift (semitones, +-) around the centre of the instrument's range
     transpose_semitones: int = 5
     velocity_range: list[int] = field(default_factory=lambda: [60, 120])
@@ -117,6 +123,10 @@ class YoutubeSource:
         default_factory=lambda: ["{clip_id}.mp4", "{youtube_id}.mp4", "{clip_id}.flac", "{clip_id}.wav"]
     )
 
+    def for_card(self) -> "YoutubeSource":
+        """What the dataset card records: a cookies file's location is left out."""
+        return dataclasses.replace(self, cookies_file=None)
+
 
 @dataclass(frozen=True)
 class SemanticFilter:
@@ -161,78 +171,130 @@ class MixConfig:
     snr_db_range: list[float] = field(default_factory=lambda: [-5.0, 5.0])
     mixtures_per_split: dict[str, int] = field(default_factory=lambda: {"val": 20, "test": 100})
     seed: int = 1234
+    #: datasets with families (a union): ``{within: p, across: q}``, the shares of mixtures whose
+    #: sources all come from one family / from different families; {} = labels drawn regardless of
+    #: family. Dynamic training mixtures of the dataset follow it too (marsctl.data.mixing).
+    pairing: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.mode not in ("omnisep", "snr"):
             raise ConfigError(f"mix.mode must be 'omnisep' or 'snr', got {self.mode!r}")
         if self.num_sources < 1:
             raise ConfigError(f"mix.num_sources must be at least 1, got {self.num_sources}")
+        shares = [v for v in self.pairing.values() if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0]
+        if set(self.pairing) - {"within", "across"} or len(shares) != len(self.pairing) or (shares and sum(shares) <= 0):
+            raise ConfigError(f"mix.pairing must be like {{within: 0.5, across: 0.5}} (shares >= 0, not all 0), got {self.pairing!r}")
 
 
 @dataclass(frozen=True)
 class DataRecipe:
-    """A dataset recipe."""
+    """A dataset recipe: general settings plus one source section (see :mod:`marsctl.data.sources`)."""
 
+    #: a plain name (letters, digits, ``_ . -``); the default output is ``data/<name>``
     name: str
+    #: the registered source kind, also the recipe's section key (``soundfont``, ``folder``, ...)
+    source_kind: str
+    #: the parsed source section (the kind's config dataclass)
+    source: Any
     description: str = ""
     #: the class list; items with other labels are skipped as "unknown label" ([] = any label)
     labels: list[str] = field(default_factory=list)
     signal: SignalConfig = field(default_factory=SignalConfig)
-    soundfont: Optional[SoundfontSource] = None
-    folder: Optional[FolderSource] = None
-    youtube: Optional[YoutubeSource] = None
     filter: FilterConfig = field(default_factory=FilterConfig)
     mix: MixConfig = field(default_factory=MixConfig)
 
     def __post_init__(self) -> None:
-        given = [k for k in ("soundfont", "folder", "youtube") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ConfigError(f"recipe {self.name!r}: give exactly one source (soundfont, folder or youtube), got {given or 'none'}")
+        check_recipe_name(self.name, "recipe")
+        expected = get_source(self.source_kind, f"recipe {self.name!r}").config_class()
+        if not isinstance(self.source, expected):
+            raise ConfigError(f"recipe {self.name!r}: the {self.source_kind} section must be a {expected.__name__}")
+
+    # read-only conveniences: the section if the recipe is of that kind, else None
+    @property
+    def soundfont(self) -> Optional[SoundfontSource]:
+        return self.source if self.source_kind == "soundfont" else None
 
     @property
-    def source_kind(self) -> str:
-        return next(k for k in ("soundfont", "folder", "youtube") if getattr(self, k) is not None)
+    def folder(self) -> Optional[FolderSource]:
+        return self.source if self.source_kind == "folder" else None
+
+    @property
+    def youtube(self) -> Optional[YoutubeSource]:
+        return self.source if self.source_kind == "youtube" else None
 
     def replace(self, **changes: Any) -> "DataRecipe":
         return dataclasses.replace(self, **changes)
 
+    def with_source(self, **changes: Any) -> "DataRecipe":
+        """The recipe with some settings of its source section changed."""
+        return dataclasses.replace(self, source=dataclasses.replace(self.source, **changes))
+
     def to_mapping(self) -> dict[str, Any]:
-        """Plain data for the dataset card; a cookies file's location is not recorded."""
-        data = to_mapping(self)
-        if data.get("youtube"):
-            data["youtube"]["cookies_file"] = None
-        return {k: v for k, v in data.items() if v is not None}
+        """Plain data in the recipe YAML's shape (for the dataset card); private settings left out."""
+        for_card = getattr(self.source, "for_card", None)
+        source = for_card() if callable(for_card) else self.source
+        data: dict[str, Any] = {"name": self.name, "description": self.description, "labels": list(self.labels)}
+        data["signal"] = to_mapping(self.signal)
+        data[self.source_kind] = to_mapping(source)
+        data["filter"] = to_mapping(self.filter)
+        data["mix"] = to_mapping(self.mix)
+        return data
+
+
+_GENERAL_KEYS = ("name", "description", "labels", "signal", "filter", "mix")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+
+
+def check_recipe_name(name: Any, where: str) -> None:
+    """A recipe name must be usable as one folder name under ``data/`` (no ``/``, ``..``, hidden names)."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or len(name) > 120:
+        raise ConfigError(f"{where}: name {name!r} must be a plain name (letters, digits, '_', '.', '-'; not starting with '.')")
 
 
 def recipe_from_mapping(data: dict[str, Any], where: str = "recipe") -> DataRecipe:
+    """A recipe from parsed YAML: the general keys plus exactly one registered source section."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: a recipe must be a mapping, got {type(data).__name__}")
-    return from_mapping(DataRecipe, data, where)
+    data = dict(data)
+    known_kinds = source_kinds()
+    sections = [k for k in data if k not in _GENERAL_KEYS]
+    unknown = [str(k) for k in sections if k not in known_kinds]
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown source kind or key {', '.join(map(repr, unknown))}; "
+            f"known kinds: {', '.join(known_kinds)}; other keys: {', '.join(_GENERAL_KEYS)}"
+        )
+    given = [k for k in sections if data[k] is not None]
+    if len(given) != 1:
+        raise ConfigError(f"{where}: give exactly one source section ({', '.join(known_kinds)}), got {', '.join(given) or 'none'}")
+    if "name" not in data:
+        raise ConfigError(f"{where}: the recipe has no name")
+    check_recipe_name(data["name"], where)
+    kind = given[0]
+    section = data[kind]
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: the {kind} section must be a mapping, got {type(section).__name__}")
+    source = from_mapping(get_source(kind, where).config_class(), section, f"{where}.{kind}")
+    general = {k: v for k, v in data.items() if k in _GENERAL_KEYS}
+    return from_mapping(DataRecipe, {**general, "source_kind": kind, "source": source}, where)
 
 
 def load_recipe(spec: str | Path) -> DataRecipe:
-    """A recipe by name (``soundfont`` -> ``recipes/data/soundfont.yaml``) or by YAML file path."""
-    path = Path(spec)
-    if not path.suffix and not path.exists():
-        candidates = [d / f"{spec}.yaml" for d in _recipe_dirs()]
-        path = next((c for c in candidates if c.is_file()), candidates[0])
-        if not path.is_file():
-            known = available_recipes()
-            raise ConfigError(f"unknown recipe {str(spec)!r}; known recipes: {', '.join(known) or 'none'} (or give a YAML path)")
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such recipe file")
+    """A recipe by name (``soundfont`` -> the shipped ``recipes/data/soundfont.yaml``) or by YAML file path."""
+    path = find_recipe("data", spec)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-    return recipe_from_mapping(data, str(path))
-
-
-def _recipe_dirs() -> list[Path]:
-    """The repository's recipes/data (editable installs), then ./recipes/data."""
-    dirs = [RECIPES_DIR, Path.cwd() / "recipes" / "data"]
-    return [d for i, d in enumerate(dirs) if d not in dirs[:i]]
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the recipe ({exc.strerror or exc})") from exc
+    recipe = recipe_from_mapping(data, str(path))
+    relative_to = getattr(recipe.source, "relative_to", None)
+    if callable(relative_to) and Path(spec).is_file():  # paths in a recipe file: relative to that file
+        recipe = recipe.replace(source=relative_to(path.resolve().parent))
+    return recipe
 
 
 def available_recipes() -> list[str]:
-    return sorted({p.stem for d in _recipe_dirs() if d.is_dir() for p in d.glob("*.yaml")})
+    """The names of the shipped data recipes (and those in ./recipes/data)."""
+    return list_recipes("data")

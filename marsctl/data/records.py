@@ -26,6 +26,12 @@ class ClipRecord:
     duration_s: float = 0.0
     sample_rate: int = 0
     attempts: int = 1
+    #: recording group (all takes of one recording share it; splits never divide a group)
+    group: str = ""
+    #: the soundfont that rendered the clip (soundfont sources), else ""
+    soundfont: str = ""
+    #: the member dataset a union dataset took the clip from, else ""
+    family: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -6,9 +6,18 @@ first (train/val/test use disjoint melodies), then every clip draws, from a gene
 by (recipe seed, class, split, index): a melody and a start note, a transposition into the
 instrument's range, a velocity (with a little per-note jitter), a tempo and an articulation.
 
-A unit of work is one class: one fresh synthesizer renders all of that class's clips in a
-fixed order. (A reused fluidsynth instance is not bit-exact from one clip to the next, a
-fresh one is, so a build killed and resumed renders exactly the same audio.)
+Several soundfonts (``soundfont.soundfonts``: name, path, Debian package): each clip also
+draws its soundfont, from its own generator seeded by the same (seed, class, split, index),
+among those its split may use (``soundfonts_per_split``; leave-one-soundfont-out = train and
+val on all but one, test on that one). The other parameters do not depend on it, so two
+recipes that differ only in the soundfonts render the same melodies, notes and levels. The
+clip's soundfont is in its record and the manifest's ``soundfont`` column, its melody in
+``group``. Without ``soundfonts`` the single ``soundfont`` path renders exactly as before.
+
+A unit of work is one class (one class and soundfont with several soundfonts): one fresh
+synthesizer renders all of its clips in a fixed order. (A reused fluidsynth instance is not
+bit-exact from one clip to the next, a fresh one is, so a build killed and resumed renders
+exactly the same audio.)
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import torchaudio.functional as AF
 
 from marsctl.audio import save_audio
 from marsctl.data.paths import label_dirname, safe_id
-from marsctl.data.recipe import DataRecipe, SoundfontSource
+from marsctl.data.recipe import DEFAULT_SOUNDFONT, DataRecipe, SoundfontSource
 from marsctl.data.records import ClipRecord, SkippedRow, WorkUnit, fingerprint
 from marsctl.errors import ConfigError
 
@@ -52,6 +61,10 @@ class RenderPlan:
     articulation: float
     seed: tuple[int, ...]
     loudness_lufs: float | None = None
+    #: the ``SoundfontFile.name`` that renders the clip
+    soundfont: str = ""
+    #: whether the recipe chose among several soundfonts (then ``source`` names the soundfont)
+    multi_soundfont: bool = False
 
     @property
     def source(self) -> str:
@@ -60,7 +73,65 @@ class RenderPlan:
             f"velocity={self.velocity} tempo={self.tempo_bpm:.1f} articulation={self.articulation:.2f} "
             f"start_note={self.start_note}"
             + (f" loudness={self.loudness_lufs:.1f}LUFS" if self.loudness_lufs is not None else "")
+            + (f" soundfont={self.soundfont}" if self.multi_soundfont else "")
         )
+
+
+@dataclass(frozen=True)
+class SoundfontFile:
+    """One soundfont of a recipe: a short name (recorded per clip), its file, the package installing it."""
+
+    name: str
+    path: str
+    package: str = ""
+
+    def check(self) -> None:
+        """One-line ConfigError when the file is missing (naming the package to install)."""
+        if not Path(self.path).is_file():
+            how = f"apt-get install {self.package}" if self.package else "set its path in the recipe"
+            raise ConfigError(f"{self.path}: soundfont {self.name!r} not found ({how})")
+
+
+def soundfont_files(source: SoundfontSource) -> list[SoundfontFile]:
+    """The recipe's soundfonts: ``soundfonts`` if given, else the single ``soundfont`` path."""
+    if not source.soundfonts:
+        package = "fluid-soundfont-gm" if source.soundfont == DEFAULT_SOUNDFONT else ""
+        return [SoundfontFile(Path(source.soundfont).stem, source.soundfont, package)]
+    files: list[SoundfontFile] = []
+    for i, entry in enumerate(source.soundfonts):
+        where = f"soundfont.soundfonts[{i}]"
+        if not isinstance(entry, dict) or not {"name", "path", "package"} <= set(entry) or set(entry) - {"name", "path", "package"}:
+            raise ConfigError(f"{where}: give exactly name, path and package (the Debian package installing the file), got {entry!r}")
+        name = str(entry["name"])
+        if safe_id(name) != name:
+            raise ConfigError(f"{where}: name {name!r} must be a plain name (letters, digits, '_', '.', '-')")
+        if name in {f.name for f in files}:
+            raise ConfigError(f"{where}: name {name!r} is used twice")
+        files.append(SoundfontFile(name, str(entry["path"]), str(entry["package"])))
+    return files
+
+
+def soundfonts_by_split(source: SoundfontSource) -> dict[str, list[SoundfontFile]]:
+    """split -> the soundfonts its clips choose from (``soundfonts_per_split``, default all)."""
+    files = soundfont_files(source)
+    by_name = {f.name: f for f in files}
+    unknown_splits = sorted(set(source.soundfonts_per_split) - set(SPLIT_ORDER))
+    if unknown_splits:
+        raise ConfigError(f"soundfont.soundfonts_per_split: unknown split(s) {unknown_splits}; use {', '.join(SPLIT_ORDER)}")
+    chosen: dict[str, list[SoundfontFile]] = {}
+    for split in SPLIT_ORDER:
+        names = source.soundfonts_per_split.get(split)
+        if names is None:
+            chosen[split] = files
+            continue
+        missing = [n for n in names if n not in by_name]
+        if missing or not names:
+            raise ConfigError(
+                f"soundfont.soundfonts_per_split.{split}: {'unknown soundfont(s) ' + str(missing) if missing else 'empty list'}; "
+                f"known: {', '.join(by_name)}"
+            )
+        chosen[split] = [by_name[n] for n in names]
+    return chosen
 
 
 def _tune_numbers(work: str) -> list[int]:
@@ -119,13 +190,22 @@ def melody_pool(source: SoundfontSource) -> dict[str, list[tuple[str, Melody]]]:
     return pool
 
 
-def plan_units(recipe: DataRecipe) -> tuple[list[WorkUnit], list[SkippedRow]]:
-    """One unit per class; every clip's parameters fixed here so that rendering is a pure function."""
+def plan_units(recipe: DataRecipe, dataset_dir: Path | None = None, options=None) -> tuple[list[WorkUnit], list[SkippedRow]]:
+    """One unit per class (per class and soundfont with several); every clip's parameters fixed here.
+
+    ``dataset_dir`` and ``options`` are unused (the signature every source kind shares).
+    """
     source = recipe.soundfont
     assert source is not None
     labels = recipe.labels or sorted(source.programs)
     skipped: list[SkippedRow] = []
     pool = melody_pool(source)
+    choices = soundfonts_by_split(source)
+    multi = bool(source.soundfonts)
+    for split in SPLIT_ORDER:
+        if int(source.clips_per_class.get(split, 0)) > 0:
+            for file in choices[split]:
+                file.check()
     units: list[WorkUnit] = []
     for label_index, label in enumerate(labels):
         if label not in source.programs:
@@ -138,6 +218,9 @@ def plan_units(recipe: DataRecipe) -> tuple[list[WorkUnit], list[SkippedRow]]:
             for k in range(int(source.clips_per_class.get(split, 0))):
                 seed = (source.seed, label_index, split_index, k)
                 rng = np.random.default_rng(list(seed))
+                # the soundfont has its own stream: the other parameters do not depend on it
+                allowed = choices[split]
+                font = allowed[int(np.random.default_rng(list(seed) + [2]).integers(len(allowed)))]
                 name, notes = pool[split][int(rng.integers(len(pool[split])))]
                 pitches = np.array([p for p, _ in notes if p is not None])
                 centre = (low + high) / 2
@@ -167,36 +250,44 @@ def plan_units(recipe: DataRecipe) -> tuple[list[WorkUnit], list[SkippedRow]]:
                         loudness_lufs=(
                             float(rng.uniform(*source.loudness_lufs_range)) if source.loudness_lufs_range else None
                         ),
+                        soundfont=font.name,
+                        multi_soundfont=multi,
                     )
                 )
-        settings = (source.clip_duration_s, source.soundfont, source.gain, recipe.signal.sample_rate)
-        units.append(
-            WorkUnit(
-                unit_id=safe_id(f"soundfont-{label}".replace(" ", "_")),
-                items=plans,
-                description=label,
-                fingerprint=fingerprint(plans, settings),
+        fonts = {f.name: f for files in choices.values() for f in files}
+        for name in sorted({p.soundfont for p in plans}):
+            items = [p for p in plans if p.soundfont == name]
+            settings = (source.clip_duration_s, fonts[name].path, source.gain, recipe.signal.sample_rate)
+            unit_id = f"soundfont-{label}-{name}" if multi else f"soundfont-{label}"
+            units.append(
+                WorkUnit(
+                    unit_id=safe_id(unit_id.replace(" ", "_")),
+                    items=items,
+                    description=f"{label} ({name})" if multi else label,
+                    fingerprint=fingerprint(items, settings),
+                )
             )
-        )
     return units, skipped
 
 
-def _new_synth(source: SoundfontSource, sample_rate: int):
+def _new_synth(font: SoundfontFile, gain: float, sample_rate: int, lazy_samples: bool = False):
+    """A fresh synthesizer with ``font`` loaded; ``lazy_samples`` decodes only the samples of the
+    presets used (an .sf3 is otherwise decompressed whole: ~20-40 s; the audio is the same)."""
     try:
         import fluidsynth
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise ConfigError("the soundfont recipe needs pyfluidsynth and libfluidsynth: pip install 'marsctl[music]' and apt-get install fluidsynth") from exc
-    if not Path(source.soundfont).is_file():
-        raise ConfigError(f"{source.soundfont}: soundfont not found (apt-get install fluid-soundfont-gm, or set soundfont.soundfont)")
+    font.check()
     synth = fluidsynth.Synth(
-        gain=float(source.gain),
+        gain=float(gain),
         samplerate=float(sample_rate),
         **{"synth.reverb.active": 0, "synth.chorus.active": 0},
+        **({"synth.dynamic-sample-loading": 1} if lazy_samples else {}),
     )
-    sfid = synth.sfload(source.soundfont)
+    sfid = synth.sfload(font.path)
     if sfid < 0:
         synth.delete()
-        raise ConfigError(f"{source.soundfont}: fluidsynth could not load this soundfont")
+        raise ConfigError(f"{font.path}: fluidsynth could not load this soundfont")
     return synth, sfid
 
 
@@ -256,28 +347,28 @@ def render_clip(synth, sfid: int, plan: RenderPlan, duration_s: float, sample_ra
 
 
 def run_unit(unit: WorkUnit, recipe: DataRecipe, dataset_dir: Path) -> list[ClipRecord]:
-    """Render every clip of one class with one fresh synthesizer (deterministic), writing FLAC clips."""
+    """Render every clip of one unit (one class, one soundfont) with one fresh synthesizer (deterministic)."""
     source = recipe.soundfont
     assert source is not None
     sr = recipe.signal.sample_rate
-    synth, sfid = _new_synth(source, sr)
+    fonts = {f.name: f for f in soundfont_files(source)}
+    names = {plan.soundfont for plan in unit.items}
+    if len(names) != 1:
+        raise ValueError(f"unit {unit.unit_id}: clips of several soundfonts {sorted(names)} in one unit")
+    synth, sfid = _new_synth(fonts[names.pop()], source.gain, sr, lazy_samples=bool(source.soundfonts))
     records = []
     try:
         for plan in unit.items:
+            record = ClipRecord(plan.clip_id, plan.label, plan.split, plan.source, group=plan.melody_name, soundfont=plan.soundfont)
+            if synth.sfpreset_name(sfid, 0, plan.program) is None:  # it would render silence
+                record.status, record.reason = "failed", f"no_preset: soundfont {plan.soundfont} has no bank-0 program {plan.program}"
+                records.append(record)
+                continue
             wave = render_clip(synth, sfid, plan, source.clip_duration_s, sr)
-            rel = f"clips/{label_dirname(plan.label)}/{plan.clip_id}.flac"
-            save_audio(dataset_dir / rel, wave, sr)
-            records.append(
-                ClipRecord(
-                    clip_id=plan.clip_id,
-                    label=plan.label,
-                    split=plan.split,
-                    source=plan.source,
-                    audio_path=rel,
-                    duration_s=len(wave) / sr,
-                    sample_rate=sr,
-                )
-            )
+            record.audio_path = f"clips/{label_dirname(plan.label)}/{plan.clip_id}.flac"
+            save_audio(dataset_dir / record.audio_path, wave, sr)
+            record.duration_s, record.sample_rate = len(wave) / sr, sr
+            records.append(record)
     finally:
         synth.delete()
     return records

@@ -43,6 +43,18 @@ PERMANENT_ERRORS = (
 )
 
 
+def apply_options(recipe: DataRecipe, options, dataset_dir: Path | None = None) -> DataRecipe:
+    """``--mirror`` and ``--cookies`` into the recipe (the card never records the cookies file)."""
+    if options.mirror:
+        recipe = recipe.with_source(mirror=options.mirror)
+    if options.cookies:
+        cookies = Path(options.cookies).expanduser()
+        if not cookies.is_file():
+            raise ConfigError(f"{cookies}: no such cookies file")
+        recipe = recipe.with_source(cookies_file=str(cookies.resolve()))
+    return recipe
+
+
 def _read_source_list(recipe: DataRecipe, dataset_dir: Path, options) -> tuple[str, str]:
     """(text, where) of the source list: ``--source-list`` or the recipe URL (cached in state/)."""
     source = recipe.youtube

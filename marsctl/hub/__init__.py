@@ -6,12 +6,14 @@
 - :func:`pull_artifact` downloads a Hub artifact into that cache.
 - :func:`push_artifact` publishes an artifact directory (dataset build, reward encoder,
   separator, RL policy, eval report) to a dataset or model repo with a generated card;
-  interrupted uploads resume when run again.
+  interrupted uploads resume when run again. An artifact's kind is recorded in its
+  ``artifact.json`` (:func:`write_artifact_kind`; a dataset's in ``dataset.json``).
 - :func:`content_hash` and :class:`StageCache` give every long stage ``--reuse`` and
   ``--push-to``.
 """
 
 from marsctl.hub.artifacts import (
+    ARTIFACT_FILE,
     KIND_REPO_TYPES,
     KINDS,
     PROVENANCE_FILE,
@@ -21,12 +23,14 @@ from marsctl.hub.artifacts import (
     inspect_artifact,
     list_artifact_files,
     read_provenance,
+    write_artifact_kind,
 )
 from marsctl.hub.push import PushPlan, PushResult, check_can_push, plan_push, push_artifact
 from marsctl.hub.refs import HubRef, optional_artifact, pull_artifact, resolve_artifact
 from marsctl.hub.stage import StageCache, StageOutcome, content_hash, input_fingerprint, run_stage
 
 __all__ = [
+    "ARTIFACT_FILE",
     "ArtifactInfo",
     "HubRef",
     "KINDS",
@@ -50,4 +54,5 @@ __all__ = [
     "read_provenance",
     "resolve_artifact",
     "run_stage",
+    "write_artifact_kind",
 ]

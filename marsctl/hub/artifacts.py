@@ -1,10 +1,14 @@
 """What an artifact directory is: its kind, the files that belong to it, its fingerprints.
 
-An artifact is a directory that one marsctl stage produced (see ARCHITECTURE.md): a dataset
-build (``dataset.json`` + manifests + audio), a reward encoder, a separator, an RL policy
-(each ``config.json`` + ``model.safetensors``), or an evaluation report (JSON/CSV/Markdown).
-This module tells them apart, lists the files that would be published (never caches,
-temporary files, locks or token files), fingerprints their content, and reads/writes the
+An artifact is a directory that one marsctl stage produced (see docs/architecture.md): a
+dataset build (``dataset.json`` + manifests + audio), a reward encoder, a separator, an RL
+policy (each ``config.json`` + ``model.safetensors``), or an evaluation report
+(JSON/CSV/Markdown). Each records its kind: a dataset in its ``dataset.json``, the others in
+``artifact.json`` (``{"kind": ...}``, written by every stage), and a pushed one also in its
+card's metadata (``marsctl.kind``). This module reads that kind (older artifacts without a
+record get a guess from their files, with a note),
+lists the files that would be published (never caches, temporary files, locks or token
+files), checks them for secrets, fingerprints their content, and reads/writes the
 ``provenance.json`` record that a stage leaves next to its outputs.
 """
 
@@ -24,11 +28,15 @@ from huggingface_hub.utils import filter_repo_objects
 
 from marsctl.errors import MarsctlError
 from marsctl.files import write_json_atomic
+from marsctl.hub.secrets import redact_secrets
 
 #: Where a stage records how an artifact was made (see :func:`write_provenance`).
 PROVENANCE_FILE = "provenance.json"
 #: The generated card; excluded from the content fingerprint (it contains the fingerprint).
 CARD_FILE = "README.md"
+#: ``{"kind": ..., "schema_version": 1}``: what the artifact is (see :func:`write_artifact_kind`);
+#: excluded from the content fingerprint like the card (marsctl writes it, also on push).
+ARTIFACT_FILE = "artifact.json"
 
 #: kind -> Hub repo type. Evaluation reports are tables, so they go to dataset repos.
 KIND_REPO_TYPES: dict[str, str] = {
@@ -117,25 +125,20 @@ def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
 def files_fingerprint(root: Path, files: Iterable[str] | None = None, *, progress: bool = True) -> str:
     """``sha256:<hex>`` over the sorted (path, size, sha256) of the artifact's files.
 
-    The card (README.md) is left out, since the card records this fingerprint. Two
-    directories with the same files and bytes have the same fingerprint wherever they are
-    (a local build, a pulled Hub snapshot).
+    The card (README.md) and ``artifact.json`` are left out, since marsctl writes them (the
+    card records this fingerprint). Two directories with the same files and bytes have the
+    same fingerprint wherever they are (a local build, a pulled Hub snapshot).
     """
-    root = Path(root)
-    names = [f for f in (files if files is not None else list_artifact_files(root)) if f != CARD_FILE]
-    digest = hashlib.sha256()
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from marsctl.progress import stage_progress
 
-    with Progress(
-        TextColumn("hashing {task.description}"), BarColumn(), MofNCompleteColumn(),
-        console=Console(stderr=True), transient=True, disable=not progress or len(names) < 200,
-    ) as bar:
-        task = bar.add_task(root.name or str(root), total=len(names))
+    root = Path(root)
+    names = [f for f in (files if files is not None else list_artifact_files(root)) if f not in (CARD_FILE, ARTIFACT_FILE)]
+    digest = hashlib.sha256()
+    with stage_progress(f"hashing {root.name or root}", len(names), show=progress and len(names) >= 200) as advance:
         for name in sorted(names):
             path = root / name
             digest.update(f"{name}\0{path.stat().st_size}\0{sha256_file(path)}\n".encode())
-            bar.advance(task)
+            advance()
     return "sha256:" + digest.hexdigest()
 
 
@@ -202,6 +205,9 @@ class ArtifactInfo:
     #: the name of the file ``config`` was read from ("dataset.json", "config.json" or "")
     config_file: str
     provenance: dict[str, Any] | None
+    #: how the kind was found when it was not recorded (a guess from an older artifact's
+    #: files, worth a look); "" when ``artifact.json``, ``dataset.json`` or --kind said it
+    kind_note: str = ""
 
     @property
     def repo_type(self) -> str:
@@ -219,6 +225,37 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise MarsctlError(f"{path}: expected a JSON object")
     return data
+
+
+def write_artifact_kind(root: str | Path, kind: str) -> Path:
+    """Record ``kind`` in ``root/artifact.json`` (atomically); every stage does this for its output."""
+    if kind not in KIND_REPO_TYPES:
+        raise MarsctlError(f"unknown artifact kind {kind!r}; known: {', '.join(KINDS)}")
+    path = Path(root) / ARTIFACT_FILE
+    write_json_atomic(path, {"kind": kind, "schema_version": 1})
+    return path
+
+
+def read_artifact_kind(root: str | Path) -> str | None:
+    """The kind recorded in ``root/artifact.json``, or None when there is no such file."""
+    path = Path(root) / ARTIFACT_FILE
+    if not path.is_file():
+        return None
+    kind = _read_json(path).get("kind")
+    if kind not in KIND_REPO_TYPES:
+        raise MarsctlError(f"{path}: unknown artifact kind {kind!r}; known: {', '.join(KINDS)}")
+    return kind
+
+
+def _recorded_kind(root: Path, config: Mapping[str, Any], provenance: Mapping[str, Any] | None) -> str | None:
+    """A kind named exactly by provenance.json, config.json (``kind``/``artifact_kind``) or the card."""
+    candidates = [(provenance or {}).get("kind"), config.get("artifact_kind"), config.get("kind")]
+    if (root / CARD_FILE).is_file():
+        from marsctl.hub.card import read_card_metadata
+
+        block = read_card_metadata(root / CARD_FILE).get("marsctl")
+        candidates.append(block.get("kind") if isinstance(block, dict) else None)
+    return next((c for c in candidates if isinstance(c, str) and c in KIND_REPO_TYPES), None)
 
 
 def _kind_from_config(config: Mapping[str, Any]) -> str | None:
@@ -267,14 +304,16 @@ def _flat_keys(mapping: Mapping[str, Any], prefix: str = "") -> list[str]:
 
 
 def inspect_artifact(path: str | Path, kind: str | None = None) -> ArtifactInfo:
-    """Detect the kind of the artifact directory ``path`` (or check the given ``kind``).
+    """The kind of the artifact directory ``path`` (or check the given ``kind``).
 
-    Rules, first match wins: ``dataset.json`` -> dataset; the ``kind`` recorded in
-    ``provenance.json``; ``config.json`` naming its kind (``kind``/``artifact``/``model_type``
-    ...) or, failing that, keys typical of one (``anchor``/``embedding_dim`` -> reward
-    encoder, ``kappa``/``base_channels`` -> separator, ``group_size``/``clip_eps`` -> RL
-    policy); a folder of metric tables (``summary.json``/``metrics.json``/CSV, no weights)
-    -> evaluation report. Anything else needs ``kind``.
+    The kind is read, first match wins, from: ``dataset.json`` (a dataset); ``artifact.json``;
+    the ``kind`` in ``provenance.json``, in ``config.json`` or in the card's ``marsctl.kind``
+    metadata (exactly a kind's name). An older artifact without these gets a guess, with a
+    ``kind_note`` saying so: ``config.json`` naming something like a kind
+    (``model_type: unet`` ...) or keys typical of one (``anchor``/``embedding_dim`` -> reward encoder,
+    ``kappa``/``base_channels`` -> separator, ``group_size``/``clip_eps`` -> RL policy); a
+    folder of metric tables (``summary.json``/``metrics.json``/CSV, no weights) -> evaluation
+    report. Anything else needs ``kind``.
     """
     root = Path(path).expanduser()
     if not root.exists():
@@ -286,22 +325,23 @@ def inspect_artifact(path: str | Path, kind: str | None = None) -> ArtifactInfo:
     provenance = read_provenance(root)
     config: dict[str, Any] = {}
     config_file = ""
+    note = ""
     if (root / "dataset.json").is_file():
         config, config_file = _read_json(root / "dataset.json"), "dataset.json"
         detected: str | None = "dataset"
     else:
-        detected = None
         if (root / "config.json").is_file():
             config, config_file = _read_json(root / "config.json"), "config.json"
-        if provenance and isinstance(provenance.get("kind"), str):
-            detected = _kind_from_word(provenance["kind"])
+        detected = read_artifact_kind(root) or _recorded_kind(root, config, provenance)
         if detected is None and config:
             detected = _kind_from_config(config)
+            note = f"guessed from config.json (no {ARTIFACT_FILE}: an artifact made before marsctl recorded kinds)"
         if detected is None:
             has_weights = any(root.glob("*.safetensors")) or any(root.glob("*.pt"))
             has_tables = any((root / f).is_file() for f in _EVAL_REPORT_FILES) or any(root.glob("*.csv"))
             if has_tables and not has_weights:
                 detected = "eval-report"
+                note = f"guessed from its metric tables (no {ARTIFACT_FILE})"
                 for name in _EVAL_REPORT_FILES:
                     if (root / name).is_file() and not config:
                         config, config_file = _read_json(root / name), name
@@ -309,46 +349,12 @@ def inspect_artifact(path: str | Path, kind: str | None = None) -> ArtifactInfo:
     final = kind or detected
     if final is None:
         raise MarsctlError(
-            f"{root}: cannot tell what kind of artifact this is (no dataset.json, and config.json does not "
-            f"name one); pass --kind {{{','.join(KINDS)}}}"
+            f"{root}: cannot tell what kind of artifact this is (no dataset.json or {ARTIFACT_FILE}, and "
+            f"config.json does not name one); pass --kind {{{','.join(KINDS)}}}"
         )
-    return ArtifactInfo(path=root, kind=final, config=config, config_file=config_file, provenance=provenance)
-
-
-# ---------------------------------------------------------------------------- secrets
-
-#: Hugging Face user access tokens: "hf_" and 34 letters/digits.
-HF_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{30,}")
-_TEXT_SUFFIXES = {".json", ".yaml", ".yml", ".txt", ".md", ".csv", ".tsv", ".toml", ".cfg", ".ini", ".log", ".py", ".sh"}
-_SCAN_LIMIT_BYTES = 64 * 1024 * 1024
-
-
-def redact_secrets(text: str, token: str | None = None) -> str:
-    """Replace the current token and anything shaped like a Hugging Face token."""
-    if token:
-        text = text.replace(token, "<redacted>")
-    return HF_TOKEN_RE.sub("<redacted>", text)
-
-
-def find_secrets(root: Path, files: Iterable[str], token: str | None) -> list[str]:
-    """Files (relative paths) that contain the current token or a token-shaped string.
-
-    Every file is searched for the exact current token; text files (by suffix) are also
-    searched for anything shaped like a Hugging Face token. Files above 64 MiB are skipped
-    (weights and audio, where neither can appear by accident).
-    """
-    needle = token.encode() if token else None
-    offenders = []
-    for name in files:
-        path = Path(root) / name
-        try:
-            if path.stat().st_size > _SCAN_LIMIT_BYTES:
-                continue
-            data = path.read_bytes()
-        except OSError as exc:
-            raise MarsctlError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-        if needle and needle in data:
-            offenders.append(name)
-        elif path.suffix.lower() in _TEXT_SUFFIXES and HF_TOKEN_RE.search(data.decode("utf-8", "replace")):
-            offenders.append(name)
-    return offenders
+    if kind is not None or detected is None:
+        note = ""
+    elif note:
+        note = f"kind {final!r} {note}; pass --kind to be sure"
+    return ArtifactInfo(path=root, kind=final, config=config, config_file=config_file, provenance=provenance,
+                        kind_note=note)

@@ -18,7 +18,8 @@ from typing import Any, Mapping
 import yaml
 from huggingface_hub import RepoCard
 
-from marsctl.hub.artifacts import CARD_FILE, ArtifactInfo, redact_secrets
+from marsctl.hub.artifacts import CARD_FILE, ArtifactInfo
+from marsctl.hub.secrets import redact_secrets
 
 NOTES_START = "<!-- marsctl:notes:start -->"
 NOTES_END = "<!-- marsctl:notes:end -->"

@@ -9,7 +9,8 @@ from 2.x; re-running ``marsctl hub push`` is how a user resumes.
 
 Never uploaded: the patterns of :func:`marsctl.hub.artifacts.ignore_patterns` (caches,
 ``.*.tmp*`` temporaries, locks, ``__pycache__``, token files). A push refuses to start if
-any file to send contains the current token or a token-shaped string. The token comes from
+any file to send contains the current token or a token-shaped string, or is a symlink
+leading outside the artifact. The card's metadata records the kind (``marsctl.kind``). The token comes from
 ``HF_TOKEN`` or the ``hf auth login`` file through huggingface_hub, and is never printed.
 """
 
@@ -28,15 +29,15 @@ from huggingface_hub.errors import HfHubHTTPError
 from marsctl.errors import MarsctlError
 from marsctl.files import write_text_atomic
 from marsctl.hub.artifacts import (
+    ARTIFACT_FILE,
     CARD_FILE,
     ArtifactInfo,
     files_fingerprint,
-    find_secrets,
     ignore_patterns,
     inspect_artifact,
     list_artifact_files,
-    redact_secrets,
 )
+from marsctl.hub.secrets import SCAN_CHUNK_BYTES, find_secrets, links_leaving, redact_secrets
 from marsctl.hub.card import render_card
 from marsctl.hub.refs import HubRef, is_offline
 
@@ -66,6 +67,8 @@ class PushResult:
     commit_url: str
     files: list[str]
     content_fingerprint: str
+    #: set when the kind was guessed (an older artifact with no kind record)
+    kind_note: str = ""
 
     @property
     def spec(self) -> str:
@@ -100,8 +103,14 @@ def plan_push(
     kind: str | None = None,
     include_checkpoints: bool = False,
     token: str | bool | None = None,
+    scan_chunk_bytes: int = SCAN_CHUNK_BYTES,
 ) -> PushPlan:
-    """Inspect the artifact, list the files to send, check them for secrets, render the card."""
+    """Inspect the artifact, list the files to send, check them for secrets, render the card.
+
+    Refused: a file that holds the current token (every file, any size, read in chunks of
+    ``scan_chunk_bytes``) or a token-shaped string (text files), and a symlink that leads
+    outside the artifact.
+    """
     ref = HubRef.parse(repo_id)
     if ref.revision:
         raise MarsctlError(f"{repo_id}: push goes to the repo's default branch; leave out '@{ref.revision}'")
@@ -114,9 +123,15 @@ def plan_push(
     if status not in (None, "complete"):
         raise MarsctlError(f"{info.path}: the dataset build is not finished (status {status!r}); rerun `marsctl data build` first")
     files = list_artifact_files(info.path, include_checkpoints=include_checkpoints)
-    if not [f for f in files if f != CARD_FILE]:
+    if not [f for f in files if f not in (CARD_FILE, ARTIFACT_FILE)]:
         raise MarsctlError(f"{info.path}: nothing to push (the directory has no artifact files)")
-    offenders = find_secrets(info.path, files, _current_token(token))
+    leaving = links_leaving(info.path, files)
+    if leaving:
+        raise MarsctlError(
+            f"{info.path}: refusing to push, {', '.join(leaving[:5])} link(s) to files outside the artifact; "
+            "copy what belongs to it in, or remove the link"
+        )
+    offenders = find_secrets(info.path, files, _current_token(token), chunk_size=scan_chunk_bytes)
     if offenders:
         raise MarsctlError(
             f"{info.path}: refusing to push, {', '.join(offenders[:5])} contain(s) a Hugging Face token; remove it"
@@ -170,6 +185,7 @@ def push_artifact(
         commit_url=info.commit_url,
         files=plan.files,
         content_fingerprint=plan.content_fingerprint,
+        kind_note=plan.info.kind_note,
     )
 
 

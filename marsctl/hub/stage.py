@@ -46,6 +46,7 @@ from marsctl.hub.artifacts import (
     files_fingerprint,
     list_artifact_files,
     read_provenance,
+    write_artifact_kind,
     write_provenance,
 )
 from marsctl.hub.card import card_stage_hash
@@ -231,12 +232,14 @@ class StageCache:
             path.unlink()
 
     def record(self, out_dir: str | Path, *, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Write ``provenance.json`` into the finished ``out_dir`` (call it last)."""
+        """Write ``artifact.json`` (the kind) and ``provenance.json`` into the finished ``out_dir`` (call it last)."""
         inputs = {
             name: {"spec": os.fspath(value) if isinstance(value, (str, os.PathLike)) else None,
                    "fingerprint": self.input_fingerprints[name]}
             for name, value in sorted(self.inputs.items())
         }
+        if self.kind and self.kind != "dataset":  # a dataset's dataset.json says what it is
+            write_artifact_kind(out_dir, self.kind)
         return write_provenance(Path(out_dir), stage=self.stage, stage_hash=self.key, config=_canonical(self.config),
                                 inputs=inputs, kind=self.kind, extra=extra)
 

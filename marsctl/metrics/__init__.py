@@ -1,6 +1,8 @@
-"""Separation and semantic metrics, and the evaluation reports built from them."""
+"""Separation metrics as pure functions: BSS-Eval v3 SDR/SIR/SAR, SI-SDR(i), STFT distance.
 
-from marsctl.metrics.report import EvalReport, Failure, MetricSummary, SourceScores, summarize, write_report
+Scoring folders and datasets, floors for silent estimates and reports: :mod:`marsctl.eval`.
+"""
+
 from marsctl.metrics.separation import (
     BssEvalReferences,
     BssEvalScores,
@@ -13,14 +15,8 @@ from marsctl.metrics.separation import (
 __all__ = [
     "BssEvalReferences",
     "BssEvalScores",
-    "EvalReport",
-    "Failure",
-    "MetricSummary",
-    "SourceScores",
     "bss_eval_sources",
     "si_sdr",
     "si_sdr_improvement",
     "stft_distance",
-    "summarize",
-    "write_report",
 ]

@@ -10,7 +10,7 @@ coherences into decibels come from :mod:`fast_bss_eval`; what this module adds i
   against the same references (the mixture, the oracle, each model) shares it;
 - solving the projection systems with the block Levinson recursion
   (:mod:`marsctl.metrics.toeplitz`, ``O(L^2 S^3)``) instead of a dense ``O((L S)^3)``
-  solve, checked by its residual with a dense fallback.
+  solve, checked by its residual with a dense LU fallback (mir_eval's own solve).
 
 Everything is computed in float64: in float32 the metrics drift by up to 0.4 dB from
 mir_eval. ``bench/metrics_speed.py`` measures the speed against mir_eval.
@@ -49,16 +49,32 @@ def _as_float64(x) -> torch.Tensor:
     return torch.as_tensor(x).to(torch.float64)
 
 
+#: mixtures per FFT pass when computing correlations (small enough for the FFT buffers to stay in cache)
+_FFT_CHUNK = 4
+
 #: relative residual above which the structured solve is redone densely
 _RESIDUAL_TOLERANCE = 1e-8
+
+
+def _dense_solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Solve ``matrix x = rhs`` as mir_eval does: LU with partial pivoting (``numpy.linalg.solve``),
+    and least squares only where the matrix is exactly singular, with the deterministic SVD-based
+    ``gelsd`` driver (numpy's ``lstsq``), never the rank-revealing ``gelsy`` whose result varied
+    between identical calls on tonal sources."""
+    solution, info = torch.linalg.solve_ex(matrix, rhs)
+    singular = info != 0
+    if bool(singular.any()):
+        solution[singular] = torch.linalg.lstsq(matrix[singular], rhs[singular], driver="gelsd").solution
+    return solution
 
 
 def _solve_projection(lags: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """Solve the block-Toeplitz projection system by block Levinson, checked by its residual.
 
-    Batch entries whose relative residual exceeds ``_RESIDUAL_TOLERANCE`` (nearly singular
-    reference sets, e.g. two identical references) are solved again densely by least
-    squares, as mir_eval falls back to ``lstsq``.
+    Batch entries whose relative residual exceeds ``_RESIDUAL_TOLERANCE`` (ill-conditioned
+    reference sets: tonal sources, two identical references) are solved again densely, the
+    way mir_eval solves every system (:func:`_dense_solve`), so the result is deterministic
+    and equal to mir_eval's.
     """
     solution = solve_block_toeplitz(lags, rhs)
     residual = block_toeplitz_matvec(lags, solution) - rhs
@@ -67,8 +83,7 @@ def _solve_projection(lags: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     bad = ~(relative <= _RESIDUAL_TOLERANCE)  # NaN counts as bad
     if bool(bad.any()):
         n, S, K = rhs.shape[-3:]
-        matrix = block_toeplitz(lags[bad])
-        dense = torch.linalg.lstsq(matrix, rhs[bad].reshape(-1, n * S, K)).solution
+        dense = _dense_solve(block_toeplitz(lags[bad]), rhs[bad].reshape(-1, n * S, K))
         solution[bad] = dense.reshape(-1, n, S, K)
     return solution
 
@@ -90,14 +105,21 @@ class BssEvalReferences:
         self.filter_length = L = filter_length
         # Correlations are needed up to lag L only, so T + L points avoid circular wrap-around.
         self.n_fft = 1 << (refs.shape[-1] + L - 1).bit_length()
-        self._spectra = torch.fft.rfft(refs, n=self.n_fft, dim=-1)
+        # Spectra and correlations are computed a few mixtures at a time (_FFT_CHUNK), so that
+        # the full-length FFT buffers stay in cache instead of streaming through memory.
+        flat = refs.reshape(-1, *refs.shape[-2:])
+        self._spectra: list[torch.Tensor] = []
+        lags = []
+        for start in range(0, flat.shape[0], _FFT_CHUNK):
+            spectra = torch.fft.rfft(flat[start : start + _FFT_CHUNK], n=self.n_fft, dim=-1)
+            self._spectra.append(spectra)
+            full = torch.fft.irfft(spectra.unsqueeze(-2) * spectra.conj().unsqueeze(-3), n=self.n_fft, dim=-1)
+            lags.append(torch.cat([full[..., :L], full[..., -L:]], dim=-1))
         # BSS-Eval works on unit-norm signals; the norms scale the correlations instead of the
         # signals, which saves a pass over the audio.
         self._norms = refs.norm(dim=-1).clamp_min(1e-12)  # [..., S]
         # Auto- and cross-correlations of the references, lags 0..L-1 then -L..-1: [..., S, S, 2L]
-        prod = self._spectra.unsqueeze(-2) * self._spectra.conj().unsqueeze(-3)
-        acf = torch.fft.irfft(prod, n=self.n_fft, dim=-1)
-        acf = torch.cat([acf[..., :L], acf[..., -L:]], dim=-1)
+        acf = torch.cat(lags).reshape(*refs.shape[:-1], refs.shape[-2], 2 * L)
         acf = acf / (self._norms.unsqueeze(-1) * self._norms.unsqueeze(-2)).unsqueeze(-1)
         self._lags_all = acf.permute(*range(acf.ndim - 3), -1, -3, -2).contiguous()  # [..., 2L, S, S]
         # each reference's own autocorrelation, as a batch of 1 x 1 "blocks": [..., S, 2L, 1, 1]
@@ -115,9 +137,13 @@ class BssEvalReferences:
         L, n_sets, S = self.filter_length, len(ests), self.shape[-2]
         est = torch.stack(ests, dim=-3)  # [..., E, S, T]
         est_norms = est.norm(dim=-1).clamp_min(1e-12)  # [..., E, S]
-        spectra = torch.fft.rfft(est, n=self.n_fft, dim=-1)
-        cross = self._spectra.conj()[..., :, None, None, :] * spectra.unsqueeze(-4)
-        xcorr = torch.fft.irfft(cross, n=self.n_fft, dim=-1)[..., :L]  # [..., S_ref, E, S_est, L]
+        flat = est.reshape(-1, *est.shape[-3:])  # [B, E, S, T]
+        parts = []
+        for chunk, ref_spectra in enumerate(self._spectra):
+            spectra = torch.fft.rfft(flat[chunk * _FFT_CHUNK : (chunk + 1) * _FFT_CHUNK], n=self.n_fft, dim=-1)
+            cross = ref_spectra.conj()[:, :, None, None, :] * spectra.unsqueeze(-4)
+            parts.append(torch.fft.irfft(cross, n=self.n_fft, dim=-1)[..., :L])
+        xcorr = torch.cat(parts).reshape(*est.shape[:-3], S, n_sets, S, L)  # [..., S_ref, E, S_est, L]
         xcorr = xcorr / (self._norms[..., :, None, None, None] * est_norms[..., None, :, :, None])
         # coherence of each estimate with its own reference's shifts (SDR)
         own = torch.diagonal(xcorr, dim1=-4, dim2=-2)  # [..., E, L, S]

@@ -64,33 +64,34 @@ def _inverse_identity_minus_product(a: np.ndarray, b: np.ndarray, out: np.ndarra
                 out[i, j, item] = inv[i, j]
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, boundscheck=False)
 def _block_levinson(pos: np.ndarray, neg: np.ndarray, rhs: np.ndarray, inv_r0: np.ndarray) -> np.ndarray:  # pragma: no cover
     """Block Levinson recursion, batch-innermost: ``pos/neg`` ``[n, S, S, B]``, ``rhs`` ``[n, S, K, B]``,
     ``inv_r0`` ``[S, S, B]``. The batch is the innermost axis so every update is a long,
-    contiguous (SIMD) loop; the blocks themselves are tiny (S is the number of sources)."""
-    n, S, K, n_batch = rhs.shape
-    fwd = np.zeros((n, S, S, n_batch))
-    bwd = np.zeros((n, S, S, n_batch))
-    x = np.zeros((n, S, K, n_batch))
-    err_fwd = np.empty((S, S, n_batch))
-    err_bwd = np.empty((S, S, n_batch))
-    err_x = np.empty((S, K, n_batch))
-    alpha = np.empty((S, S, n_batch))
-    delta = np.empty((S, S, n_batch))
-    fwd_gain = np.empty((S, S, n_batch))
-    bwd_gain = np.empty((S, S, n_batch))
-    correction = np.empty((S, K, n_batch))
-    new_f = np.empty(n_batch)
-    new_b = np.empty(n_batch)
-    new_fwd_out = np.empty((S, S, n_batch))
-    new_bwd_out = np.empty((S, S, n_batch))
+    contiguous (SIMD) loop; the blocks themselves are tiny (S is the number of sources).
+    Plain indexing throughout (no per-block array views in the inner loops, whose creation
+    cost more than the arithmetic on a batch of a few dozen mixtures)."""
+    n, S, K, B = rhs.shape
+    # f, b: forward/backward solutions; E_f, E_b, E_x: their errors; gains and updated blocks
+    fwd = np.zeros((n, S, S, B))
+    bwd = np.zeros((n, S, S, B))
+    x = np.zeros((n, S, K, B))
+    err_fwd = np.empty((S, S, B))
+    err_bwd = np.empty((S, S, B))
+    err_x = np.empty((S, K, B))
+    alpha = np.empty((S, S, B))
+    delta = np.empty((S, S, B))
+    fwd_gain = np.empty((S, S, B))
+    bwd_gain = np.empty((S, S, B))
+    new_f = np.empty((S, S, B))
+    new_b = np.empty((S, S, B))
     fwd[0] = inv_r0
     bwd[0] = inv_r0
     for a in range(S):
         for k in range(K):
             for c in range(S):
-                x[0, a, k] += inv_r0[a, c] * rhs[0, c, k]
+                for i in range(B):
+                    x[0, a, k, i] += inv_r0[a, c, i] * rhs[0, c, k, i]
     for m in range(1, n):
         # E_f = sum_j R[j-m] f_j and E_x = sum_j R[j-m] x_j over j < m; E_b = sum_j R[j+1] b_j over j < m
         err_fwd[:] = 0.0
@@ -99,21 +100,13 @@ def _block_levinson(pos: np.ndarray, neg: np.ndarray, rhs: np.ndarray, inv_r0: n
         for j in range(m):
             for a in range(S):
                 for c in range(S):
-                    r_neg = neg[m - j, a, c]
-                    r_pos = pos[j + 1, a, c]
                     for d in range(S):
-                        f_jcd = fwd[j, c, d]
-                        b_jcd = bwd[j, c, d]
-                        e_f = err_fwd[a, d]
-                        e_b = err_bwd[a, d]
-                        for i in range(n_batch):
-                            e_f[i] += r_neg[i] * f_jcd[i]
-                            e_b[i] += r_pos[i] * b_jcd[i]
+                        for i in range(B):
+                            err_fwd[a, d, i] += neg[m - j, a, c, i] * fwd[j, c, d, i]
+                            err_bwd[a, d, i] += pos[j + 1, a, c, i] * bwd[j, c, d, i]
                     for k in range(K):
-                        x_jck = x[j, c, k]
-                        e_x = err_x[a, k]
-                        for i in range(n_batch):
-                            e_x[i] += r_neg[i] * x_jck[i]
+                        for i in range(B):
+                            err_x[a, k, i] += neg[m - j, a, c, i] * x[j, c, k, i]
         _inverse_identity_minus_product(err_bwd, err_fwd, alpha)  # a = (I - E_b E_f)^-1
         _inverse_identity_minus_product(err_fwd, err_bwd, delta)  # d = (I - E_f E_b)^-1
         fwd_gain[:] = 0.0
@@ -121,48 +114,37 @@ def _block_levinson(pos: np.ndarray, neg: np.ndarray, rhs: np.ndarray, inv_r0: n
         for a in range(S):
             for d in range(S):
                 for c in range(S):
-                    for i in range(n_batch):
+                    for i in range(B):
                         fwd_gain[a, d, i] += err_fwd[a, c, i] * alpha[c, d, i]
                         bwd_gain[a, d, i] += err_bwd[a, c, i] * delta[c, d, i]
         # f' = [f;0] a - [0;b] E_f a ;  b' = [0;b] d - [f;0] E_b d  (in place, last block first)
         for j in range(m, -1, -1):
+            new_f[:] = 0.0
+            new_b[:] = 0.0
             for a in range(S):
                 for d in range(S):
-                    new_f[:] = 0.0
-                    new_b[:] = 0.0
                     for c in range(S):
                         if j < m:
-                            f_jac = fwd[j, a, c]
-                            al = alpha[c, d]
-                            bg = bwd_gain[c, d]
-                            for i in range(n_batch):
-                                new_f[i] += f_jac[i] * al[i]
-                                new_b[i] -= f_jac[i] * bg[i]
+                            for i in range(B):
+                                new_f[a, d, i] += fwd[j, a, c, i] * alpha[c, d, i]
+                                new_b[a, d, i] -= fwd[j, a, c, i] * bwd_gain[c, d, i]
                         if j > 0:
-                            b_jac = bwd[j - 1, a, c]
-                            fg = fwd_gain[c, d]
-                            de = delta[c, d]
-                            for i in range(n_batch):
-                                new_f[i] -= b_jac[i] * fg[i]
-                                new_b[i] += b_jac[i] * de[i]
-                    new_fwd_out[a, d] = new_f
-                    new_bwd_out[a, d] = new_b
-            fwd[j] = new_fwd_out
-            bwd[j] = new_bwd_out
-        # x' = [x;0] + b' (y_m - E_x)
+                            for i in range(B):
+                                new_f[a, d, i] -= bwd[j - 1, a, c, i] * fwd_gain[c, d, i]
+                                new_b[a, d, i] += bwd[j - 1, a, c, i] * delta[c, d, i]
+            fwd[j] = new_f
+            bwd[j] = new_b
         for a in range(S):
             for k in range(K):
-                for i in range(n_batch):
-                    correction[a, k, i] = rhs[m, a, k, i] - err_x[a, k, i]
+                for i in range(B):
+                    err_x[a, k, i] = rhs[m, a, k, i] - err_x[a, k, i]  # y_m - E_x
+        # x' = [x;0] + b' (y_m - E_x)
         for j in range(m + 1):
             for a in range(S):
                 for c in range(S):
-                    b_jac = bwd[j, a, c]
                     for k in range(K):
-                        x_jak = x[j, a, k]
-                        corr = correction[c, k]
-                        for i in range(n_batch):
-                            x_jak[i] += b_jac[i] * corr[i]
+                        for i in range(B):
+                            x[j, a, k, i] += bwd[j, a, c, i] * err_x[c, k, i]
     return x
 
 

@@ -26,10 +26,23 @@ class QueryEncoder(nn.Module, abc.ABC):
         """``N`` strings -> ``[N, D]`` unit vectors."""
 
     @abc.abstractmethod
-    def embed_audio(self, waveforms: torch.Tensor | np.ndarray | Sequence[torch.Tensor], sample_rate: int) -> torch.Tensor:
+    def embed_audio(
+        self,
+        waveforms: torch.Tensor | np.ndarray | Sequence[torch.Tensor],
+        sample_rate: int,
+        *,
+        differentiable: bool = False,
+    ) -> torch.Tensor:
         """Mono waveforms (``[N, T]``, or a list of ``[T_i]``) at ``sample_rate`` -> ``[N, D]`` unit vectors.
 
         The encoder resamples to its own rate; it must not crop at random.
+
+        ``differentiable=True`` (a pathwise reward) keeps the autograd graph from the
+        waveforms to the embedding, whatever the caller's grad mode: gradients flow back to
+        the waveforms (non-differentiable steps such as quantization are straight-through,
+        with the same forward value). By default the waveforms are constants: the output
+        carries no graph back to them, only to the encoder's own parameters that require
+        grad (what alignment trains; none in an encoder from ``load_encoder``).
         """
 
     @abc.abstractmethod

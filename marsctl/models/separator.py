@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from marsctl.audio import LogFrequencyWarp, Spectrogram
-from marsctl.config import SignalConfig, from_mapping, to_mapping
-from marsctl.errors import ConfigError, MarsctlError
+from marsctl.config import SignalConfig, ValidatedConfig, from_mapping, setting, to_mapping
+from marsctl.errors import MarsctlError
 from marsctl.files import atomic_path, write_json_atomic
 from marsctl.models.policy import DEFAULT_KAPPA, BetaMaskPolicy
 
@@ -48,29 +48,21 @@ SCHEMA_VERSION = 1
 
 
 @dataclasses.dataclass(frozen=True)
-class SeparatorConfig:
+class SeparatorConfig(ValidatedConfig):
     """Architecture of the separator (everything needed to rebuild it before loading weights)."""
 
     #: size of the query embedding (the encoder's ``embedding_dim``)
-    query_dim: int = 512
+    query_dim: int = setting(512, ge=1)
     #: U-Net depth: the log-spectrogram is halved this many times on both axes
-    num_levels: int = 7
+    num_levels: int = setting(7, ge=1)
     #: channels of the first U-Net level; level i has base * min(2**i, max_channel_multiplier)
-    base_channels: int = 32
+    base_channels: int = setting(32, ge=1)
     max_channel_multiplier: int = 8
     #: U-Net output channels, combined with the 32-d conditioned query by an inner product
-    mask_channels: int = 32
+    mask_channels: int = setting(32, ge=1)
     #: Beta policy concentration: alpha = 1 + kappa P, beta = 1 + kappa (1 - P)
-    kappa: float = DEFAULT_KAPPA
+    kappa: float = setting(DEFAULT_KAPPA, gt=0)
     signal: SignalConfig = dataclasses.field(default_factory=SignalConfig)
-
-    def __post_init__(self) -> None:
-        if self.num_levels < 1:
-            raise ConfigError(f"num_levels must be >= 1, got {self.num_levels}")
-        if self.base_channels < 1 or self.mask_channels < 1 or self.query_dim < 1:
-            raise ConfigError("base_channels, mask_channels and query_dim must be positive")
-        if self.kappa <= 0:
-            raise ConfigError(f"kappa must be positive, got {self.kappa}")
 
 
 class _Down(nn.Module):

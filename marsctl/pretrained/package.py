@@ -25,12 +25,13 @@ from pathlib import Path
 import torch
 
 from marsctl.audio import load_audio, save_audio
-from marsctl.evaluation import evaluate_separator, markdown_table, summarize
+from marsctl.eval.model import evaluate_separator, summarize
+from marsctl.eval.tables import markdown_table
 from marsctl.files import write_json_atomic, write_text_atomic
 from marsctl.models.encoders import load_encoder, save_encoder
 from marsctl.models.separator import load_separator
 from marsctl.pretrained import DEFAULT_SEPARATOR_DIR, EXAMPLE_REFERENCES_DIR, EXAMPLES_DIR
-from marsctl.separation import Query
+from marsctl.separate import Query
 
 
 def package(run_dir: Path, dataset_dir: Path, num_examples: int = 2) -> dict:
@@ -43,6 +44,11 @@ def package(run_dir: Path, dataset_dir: Path, num_examples: int = 2) -> dict:
     save_encoder(encoder, target / "encoder", card_extra="Query encoder of the embedded default separator (marsctl/pretrained).")
     config = dict(run.config)
     config["encoder"] = "encoder"
+    if not config.get("labels"):  # the classes it knows: `separate` notes queries far from all of them
+        from marsctl.data.manifest import load_clips
+
+        clips = load_clips(dataset_dir).to_pandas()
+        config["labels"] = sorted(set(clips.loc[clips["keep"] & (clips["split"] == "train"), "label"]))
     write_json_atomic(target / "config.json", config)
 
     model = load_separator(target)

@@ -1,8 +1,10 @@
-"""MARS-Sep reinforcement-learning fine-tuning of the separator's Beta mask policy.
+"""MARS-Sep reinforcement-learning fine-tuning of the separator's Beta mask policy (``marsctl train rl``).
 
-- :mod:`marsctl.rl.advantages`: group-relative advantages (+ moving-average baseline);
-- :mod:`marsctl.rl.losses`: the clipped surrogate with entropy bonus and KL to the reference policy;
-- :mod:`marsctl.rl.rewards`: rewards as a weighted list of named reward functions;
-- :mod:`marsctl.rl.trainer`: ``marsctl train rl`` (rollouts, PPO epochs, checkpoints, DDP);
-- :mod:`marsctl.rl.decode`: ``best-of-N`` decoding for ``marsctl separate``.
+- :mod:`marsctl.rl.config`: the settings (``RLConfig``, recipes);
+- :mod:`marsctl.rl.rewards`: the open registry of named reward terms (``@reward(name, needs=...)``);
+- :mod:`marsctl.rl.rollout`: G sampled masks per mixture, scored by the frozen reward encoder;
+- :mod:`marsctl.rl.advantages`: group-relative advantages (+ the moving-average baseline);
+- :mod:`marsctl.rl.losses`: the clipped surrogate, the pathwise objective, entropy, KL, diagnostics;
+- :mod:`marsctl.rl.update`: one RL step, one equation per line;
+- :mod:`marsctl.rl.trainer`: the RL task of the shared training loop (:mod:`marsctl.train.loop`).
 """

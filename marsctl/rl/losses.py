@@ -28,7 +28,13 @@ and clips those ``r_{g,b,k}``. K = 1 is the formula above.
 
 Both have the same value and gradient at sampling time (rho = 1, the only epoch when
 ``--ppo-epochs 1``); they differ from the second epoch on, where per_bin is a real trust region.
-Diagnostics are returned beside the loss (CleanRL's clip fraction and approximate KL).
+
+Diagnostics (:func:`ratio_diagnostics`, CleanRL's) are returned beside the loss: the clip
+fraction (of the samples, or segments, whose bin-averaged ratio lies outside 1 +- eps for
+bin_mean; of the bins for per_bin), the ratio range, and two estimates of the *same* KL,
+KL(pi_old || pi_theta): ``kl_old_new`` in closed form per bin and ``kl_old_new_k3``, CleanRL's
+k3 estimate on the sampled masks. ``kl_ref`` is the penalty's KL(pi_theta || pi_ref). The
+pathwise loss has no ratio, so it reports none of the ratio diagnostics.
 """
 
 from __future__ import annotations
@@ -99,15 +105,13 @@ def pathwise_loss(
         L = -mean_{g,b} R(M_g(theta)) - lambda_H H(pi_theta) + lambda_KL KL(pi_theta || pi_ref)
 
     Same expected objective as the surrogate (E_{M ~ pi_theta} R), another gradient estimator.
-    The ratio diagnostics are reported as on-policy (ratio 1, nothing clipped)."""
+    No ratio, so no clip fraction or ratio diagnostics."""
     mean_reward = rewards.mean()
     entropy = policy.entropy().mean()  # H(pi_theta), mean per bin
     kl_ref = policy.kl_divergence(reference).mean() if reference is not None else torch.zeros((), device=rewards.device)
     loss = -mean_reward - entropy_coef * entropy + kl_coef * kl_ref  # L = -mean R - lambda_H H + lambda_KL KL_ref
-    stats = {
-        "loss": float(loss.detach()), "surrogate": float(-mean_reward.detach()), "entropy": float(entropy.detach()),
-        "kl_ref": float(kl_ref.detach()), "approx_kl_old": 0.0, "kl_old": 0.0, "clip_fraction": 0.0, "ratio_min": 1.0, "ratio_max": 1.0,
-    }
+    stats = {"loss": float(loss.detach()), "surrogate": float(-mean_reward.detach()), "entropy": float(entropy.detach()),
+             "kl_ref": float(kl_ref.detach())}
     return PolicyLoss(loss=loss, surrogate=-mean_reward, entropy=entropy, kl_ref=kl_ref, stats=stats)
 
 
@@ -145,31 +149,45 @@ def policy_loss(
     ratio = bin_averaged_ratio(new_log_prob, old_log_prob, bin_dims, segments)
     if surrogate == "bin_mean":
         clipped_term = clipped_surrogate(ratio, advantages, clip_eps)  # -mean min(r A, clip(r) A)
-        clip_fraction = ((ratio.detach() - 1.0).abs() > clip_eps).float().mean()
     else:
         rho = torch.exp(new_log_prob - old_log_prob)  # rho_{g,b,f,t}
         if segments is not None:  # A_{g,b,k(t)} for the bins of frame t, broadcast over f
             advantages = advantages[..., segment_index(masks.shape[-1], segments, masks.device)].unsqueeze(-2)
         clipped_term = per_bin_clipped_surrogate(rho, advantages, clip_eps)  # -mean min(rho A, clip(rho) A)
-        clip_fraction = ((rho.detach() - 1.0).abs() > clip_eps).float().mean()
     entropy = policy.entropy().mean()  # H(pi_theta), mean per bin
     kl_ref = policy.kl_divergence(reference).mean() if reference is not None else torch.zeros((), device=masks.device)
     loss = clipped_term - entropy_coef * entropy + kl_coef * kl_ref  # L = L_clip - lambda_H H + lambda_KL KL_ref
 
-    with torch.no_grad():
-        log_rho = new_log_prob.detach() - old_log_prob
-        stats = {
-            "loss": float(loss),
-            "surrogate": float(clipped_term),
-            "entropy": float(entropy),
-            "kl_ref": float(kl_ref),
-            # CleanRL's k3 estimator of KL(old || new) on the sampled masks, per bin
-            "approx_kl_old": float(((torch.exp(log_rho) - 1) - log_rho).mean()),
-            # closed form, per bin
-            "kl_old": float(policy.detach().kl_divergence(old_policy.detach()).mean()),
-            # of the samples (bin_mean) or of the bins (per_bin) whose ratio lies outside 1 +- eps
-            "clip_fraction": float(clip_fraction),
-            "ratio_min": float(ratio.detach().min()),
-            "ratio_max": float(ratio.detach().max()),
-        }
+    stats = {"loss": float(loss.detach()), "surrogate": float(clipped_term.detach()), "entropy": float(entropy.detach()),
+             "kl_ref": float(kl_ref.detach()),
+             **ratio_diagnostics(policy, old_policy, new_log_prob, old_log_prob, clip_eps, surrogate, segments)}
     return PolicyLoss(loss=loss, surrogate=clipped_term, entropy=entropy, kl_ref=kl_ref, stats=stats)
+
+
+@torch.no_grad()
+def ratio_diagnostics(
+    policy: BetaMaskPolicy,
+    old_policy: BetaMaskPolicy,
+    new_log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    clip_eps: float = DEFAULT_CLIP_EPS,
+    surrogate: str = "bin_mean",
+    segments: int | None = None,
+) -> dict[str, float]:
+    """How far pi_theta is from pi_old on the sampled masks (log-probabilities ``[G, B, F, T]``).
+
+    ``clip_fraction``: the share of what the surrogate clips whose ratio lies outside 1 +- eps (the
+    bin-averaged ratios r of each sample, or segment, for bin_mean; every bin's rho for per_bin);
+    ``ratio_min``/``ratio_max`` of the bin-averaged ratios; ``kl_old_new`` = KL(pi_old || pi_theta) in
+    closed form and ``kl_old_new_k3`` its k3 estimate on the samples (CleanRL's approx_kl), both per bin."""
+    bin_dims = policy.probs.ndim - 1
+    log_rho = new_log_prob.detach() - old_log_prob.detach()  # log rho_{g,b,f,t}
+    ratio = bin_averaged_ratio(new_log_prob.detach(), old_log_prob.detach(), bin_dims, segments)  # r
+    clipped = ratio if surrogate == "bin_mean" else torch.exp(log_rho)
+    return {
+        "clip_fraction": float(((clipped - 1.0).abs() > clip_eps).float().mean()),
+        "ratio_min": float(ratio.min()),
+        "ratio_max": float(ratio.max()),
+        "kl_old_new": float(old_policy.detach().kl_divergence(policy.detach()).mean()),  # KL(pi_old || pi_theta)
+        "kl_old_new_k3": float(((torch.exp(log_rho) - 1) - log_rho).mean()),  # E_old[(rho - 1) - log rho]
+    }

@@ -1,8 +1,18 @@
-"""Rewards as a weighted list of named reward functions (TRL GRPO style), each term logged.
+"""Rewards as an open registry of named reward terms (TRL ``reward_funcs`` style), each term logged.
 
-Every reward function maps a :class:`RewardBatch` to one score per separated estimate;
-the total is ``R = sum_i w_i r_i`` and every ``r_i`` is reported on its own
-(:func:`compute_rewards`). The functions (weights from the recipe's ``rewards`` mapping):
+A term is one function of a :class:`RewardBatch` that returns one score per separated
+estimate, registered by name with the inputs it reads::
+
+    @reward("si_sdr", needs=("estimates", "targets"))
+    def si_sdr_reward(batch): ...
+
+The inputs a term may declare (:data:`REWARD_INPUTS`): the estimates, the mixtures, the
+targets, the query embeddings, the anchors z* and the estimates' embeddings; the trainer
+computes only what the weighted terms read (no reward-encoder pass when none reads an
+embedding). Recipes weigh terms by name, ``rewards: {si_sdr: 1.0, energy_guard: 1.0}`` (or
+under ``rewards.weights``); the total is ``R = sum_i w_i r_i`` and every ``r_i`` is reported on
+its own (:func:`compute_rewards`). Adding a term takes the function and its registration line.
+The terms registered here:
 
 ``semantic_anchor`` (MARS-Sep's reward)
     cos(phi_a(y_hat), z*), with ``z*`` the target's anchor: the reward encoder's
@@ -22,8 +32,8 @@ the total is ``R = sum_i w_i r_i`` and every ``r_i`` is reported on its own
     mixture; zero by construction when no separate residual is given, as for masks).
     0 for any honest mask-based estimate, strongly negative for e.g. added noise.
 
-Default weights (:class:`RewardWeights`): semantic_anchor 1, query_similarity 0 (logged
-only), si_sdr 0.25, energy_guard 1. With these an all-pass mask (y_hat = x) and a noise
+Default weights (:data:`DEFAULT_WEIGHTS`, updated by the recipe's): semantic_anchor 1,
+query_similarity 0 (logged only), si_sdr 0.25, energy_guard 1. With these an all-pass mask (y_hat = x) and a noise
 estimate score below the true target (tests/test_rl_rewards.py).
 
 Shapes: per-estimate tensors are ``[..., T]`` / ``[..., D]`` (``[G, B, ...]`` in training);
@@ -42,7 +52,7 @@ so that one rollout gives K signals instead of one (see ``marsctl.rl.losses``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +82,37 @@ class RewardBatch:
     mixture_power: torch.Tensor | None = None
     #: K: score the signal terms per consecutive time segment ([..., K]); 1 = one score per clip
     segments: int = 1
+    #: the terms' settings (e.g. si_sdr_cap_db)
+    config: "RewardConfig | None" = None
+
+
+#: what a reward term may read (fields of RewardBatch), declared with ``needs`` when registering it
+REWARD_INPUTS = ("estimates", "mixtures", "targets", "queries", "anchors", "estimate_embeddings", "residuals")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardTerm:
+    name: str
+    function: Callable[[RewardBatch], torch.Tensor]
+    #: the RewardBatch fields it reads (the trainer computes only what the weighted terms read)
+    needs: tuple[str, ...]
+
+
+#: every registered reward term by name
+REWARD_TERMS: dict[str, RewardTerm] = {}
+
+
+def reward(name: str, needs: Sequence[str] = ("estimates",)) -> Callable[[Callable[[RewardBatch], torch.Tensor]], Callable[[RewardBatch], torch.Tensor]]:
+    """Register ``function(batch) -> [...]`` scores as the reward term ``name`` reading ``needs``."""
+    unknown = [need for need in needs if need not in REWARD_INPUTS]
+    if unknown:
+        raise ValueError(f"reward {name!r}: unknown input(s) {unknown}; a term may read {', '.join(REWARD_INPUTS)}")
+
+    def register(function: Callable[[RewardBatch], torch.Tensor]) -> Callable[[RewardBatch], torch.Tensor]:
+        REWARD_TERMS[name] = RewardTerm(name, function, tuple(needs))
+        return function
+
+    return register
 
 
 def _need(value: torch.Tensor | None, what: str, reward: str) -> torch.Tensor:
@@ -80,6 +121,7 @@ def _need(value: torch.Tensor | None, what: str, reward: str) -> torch.Tensor:
     return value
 
 
+@reward("semantic_anchor", needs=("estimate_embeddings", "anchors"))
 def semantic_anchor_reward(batch: RewardBatch) -> torch.Tensor:
     """cos(phi_a(y_hat), z*)."""
     emb = _need(batch.estimate_embeddings, "estimate embeddings", "semantic_anchor").float()
@@ -87,6 +129,7 @@ def semantic_anchor_reward(batch: RewardBatch) -> torch.Tensor:
     return F.cosine_similarity(emb, anchors.expand_as(emb), dim=-1)
 
 
+@reward("query_similarity", needs=("estimate_embeddings", "queries"))
 def query_similarity_reward(batch: RewardBatch) -> torch.Tensor:
     """cos(phi_a(y_hat), q)."""
     emb = _need(batch.estimate_embeddings, "estimate embeddings", "query_similarity").float()
@@ -94,9 +137,13 @@ def query_similarity_reward(batch: RewardBatch) -> torch.Tensor:
     return F.cosine_similarity(emb, queries.expand_as(emb), dim=-1)
 
 
-def si_sdr_reward(batch: RewardBatch, cap_db: float = 30.0) -> torch.Tensor:
-    """clamp(SI-SDR(target, y_hat), -cap, cap) / cap; an all-zero estimate gets -1.
-    With ``batch.segments`` K > 1: the segmental SI-SDR, ``[..., K]``."""
+@reward("si_sdr", needs=("estimates", "targets"))
+def si_sdr_reward(batch: RewardBatch, cap_db: float | None = None) -> torch.Tensor:
+    """clamp(SI-SDR(target, y_hat), -cap, cap) / cap; an all-zero estimate gets -1. The cap is
+    ``cap_db``, else ``batch.config.si_sdr_cap_db``. With ``batch.segments`` K > 1: the segmental
+    SI-SDR, ``[..., K]``."""
+    if cap_db is None:
+        cap_db = batch.config.si_sdr_cap_db if batch.config is not None else DEFAULT_SI_SDR_CAP_DB
     targets = _need(batch.targets, "the known target", "si_sdr")
     estimates = batch.estimates
     if batch.segments > 1:
@@ -107,6 +154,7 @@ def si_sdr_reward(batch: RewardBatch, cap_db: float = 30.0) -> torch.Tensor:
     return (value.clamp(-cap_db, cap_db) / cap_db).float()
 
 
+@reward("energy_guard", needs=("estimates", "mixtures"))
 def energy_guard_reward(batch: RewardBatch) -> torch.Tensor:
     """-(E_excess + E_consistency); see the module docstring. With ``batch.segments`` K > 1,
     per segment of STFT frames (and of samples for the consistency term), ``[..., K]``."""
@@ -130,34 +178,63 @@ def energy_guard_reward(batch: RewardBatch) -> torch.Tensor:
     return -(excess + consistency.expand_as(excess))
 
 
-@dataclasses.dataclass(frozen=True)
-class RewardWeights:
-    """Weights w_i of R = sum_i w_i r_i. A term of weight 0 is out of R and is not computed in
-    training steps (no reward-encoder pass when no weighted term needs one); validation still
-    logs every term."""
-
-    semantic_anchor: float = 1.0
-    query_similarity: float = 0.0
-    si_sdr: float = 0.25
-    energy_guard: float = 1.0
+#: the paper's reward with the guard; recipes update these by name
+DEFAULT_WEIGHTS = {"semantic_anchor": 1.0, "query_similarity": 0.0, "si_sdr": 0.25, "energy_guard": 1.0}
+DEFAULT_SI_SDR_CAP_DB = 30.0
+#: settings that a recipe's ``rewards`` mapping may hold beside the terms' weights
+_REWARD_SETTINGS = ("si_sdr_cap_db", "segments")
 
 
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
-    weights: RewardWeights = dataclasses.field(default_factory=RewardWeights)
+    """Weights w_i of R = sum_i w_i r_i by term name (:data:`DEFAULT_WEIGHTS` updated by the given
+    ones), and the terms' settings. A term of weight 0 is out of R and is not computed in training
+    steps; validation still logs every term."""
+
+    weights: Mapping[str, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     #: SI-SDR is clamped to +-cap and divided by it
-    si_sdr_cap_db: float = 30.0
+    si_sdr_cap_db: float = DEFAULT_SI_SDR_CAP_DB
     #: K consecutive time segments scored separately by the signal terms (1 = the paper's one
     #: reward per clip; see the module docstring)
     segments: int = 1
 
     def __post_init__(self) -> None:
+        weights = dict(DEFAULT_WEIGHTS)
+        for name, weight in dict(self.weights).items():
+            if name not in REWARD_TERMS:
+                raise ConfigError(f"rewards: unknown reward term {name!r}; registered terms: {', '.join(REWARD_TERMS)}")
+            weights[name] = _number(weight, f"rewards: the weight of {name!r}")
+        object.__setattr__(self, "weights", weights)
         if self.si_sdr_cap_db <= 0:
             raise ConfigError(f"rewards.si_sdr_cap_db must be positive, got {self.si_sdr_cap_db}")
         if self.segments < 1:
             raise ConfigError(f"rewards.segments must be >= 1, got {self.segments}")
-        if not any(w != 0 for w in dataclasses.asdict(self.weights).values()):
-            raise ConfigError("rewards.weights: at least one reward weight must be non-zero")
+        if not any(w != 0 for w in weights.values()):
+            raise ConfigError("rewards: at least one reward weight must be non-zero")
+
+    @classmethod
+    def from_recipe(cls, rewards: Mapping[str, Any], where: str = "rewards") -> "RewardConfig":
+        """A recipe's ``rewards`` mapping: ``{term: weight, ...}`` (or the same under ``weights:``) and the settings."""
+        from marsctl.config import from_mapping
+
+        if not isinstance(rewards, Mapping):
+            raise ConfigError(f"{where}: expected a mapping of reward term names to weights, got {rewards!r}")
+        given = dict(rewards)
+        weights = given.pop("weights", None) or {}
+        if not isinstance(weights, Mapping):
+            raise ConfigError(f"{where}.weights: expected a mapping of reward term names to weights, got {weights!r}")
+        settings = {key: given.pop(key) for key in _REWARD_SETTINGS if key in given}
+        return from_mapping(cls, {**settings, "weights": {**weights, **given}}, where)  # the other keys name terms
+
+
+def _number(value: Any, what: str) -> float:
+    """A weight as a float (YAML 1.1 reads ``5e-4`` as text)."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be a number, got {value!r}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,19 +242,13 @@ class RewardFunction:
     name: str
     weight: float
     function: Callable[[RewardBatch], torch.Tensor]
-    #: what of a RewardBatch it reads beyond estimates and mixtures (the trainer computes only what is read)
+    #: what of a RewardBatch it reads (the trainer computes only what is read)
     needs: tuple[str, ...] = ()
 
 
 def reward_functions(config: RewardConfig = RewardConfig()) -> list[RewardFunction]:
-    """The weighted list of named reward functions of ``config``."""
-    w = config.weights
-    return [
-        RewardFunction("semantic_anchor", w.semantic_anchor, semantic_anchor_reward, needs=("estimate_embeddings", "anchors")),
-        RewardFunction("query_similarity", w.query_similarity, query_similarity_reward, needs=("estimate_embeddings", "queries")),
-        RewardFunction("si_sdr", w.si_sdr, lambda batch: si_sdr_reward(batch, config.si_sdr_cap_db), needs=("targets",)),
-        RewardFunction("energy_guard", w.energy_guard, energy_guard_reward),
-    ]
+    """The weighted list of named reward terms of ``config``, in its order."""
+    return [RewardFunction(name, weight, REWARD_TERMS[name].function, REWARD_TERMS[name].needs) for name, weight in config.weights.items()]
 
 
 def compute_rewards(functions: Sequence[RewardFunction], batch: RewardBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

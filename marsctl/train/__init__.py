@@ -1,2 +1,2 @@
-"""Training: the supervised separator trainer and the infrastructure RL reuses
-(checkpoints with exact resume, distributed launch, resumable data order)."""
+"""Training: the loop shared by ``train sup`` and ``train rl`` (:mod:`marsctl.train.loop`: checkpoints
+and exact resume, validation cadence, logging, DDP, the run lock) and the supervised task."""

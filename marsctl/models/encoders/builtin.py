@@ -9,6 +9,10 @@
 The audio and image trunks start random (seeded, so ``load_encoder("builtin")`` is the
 same everywhere) and are trained by ``marsctl align``. Only the trainable parts are
 saved: with the default sizes model.safetensors is about 6 MB.
+
+The audio path (resampling, log-mel, CNN) is differentiable end to end:
+``embed_audio(waves, sr, differentiable=True)`` gives a pathwise RL reward its gradient
+with respect to the waveforms; by default they are treated as constants.
 """
 
 from __future__ import annotations
@@ -71,7 +75,10 @@ class BuiltinEncoder(ProjectedEncoder):
     def text_features(self, texts: Sequence[str]) -> torch.Tensor:
         return self.text_trunk(texts)
 
-    def audio_features(self, waveforms: torch.Tensor) -> torch.Tensor:
+    def audio_features(self, waveforms: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
+        # the log-mel CNN is differentiable end to end (torchaudio resampling and mel
+        # spectrogram, GroupNorm: no batch statistics, the same in train and eval mode);
+        # without ``differentiable`` the input arrives detached, so only trainable weights get a graph
         return self.audio_trunk(waveforms)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:

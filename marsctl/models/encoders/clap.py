@@ -22,6 +22,11 @@ What laion-clap 1.1.7 does on its own, and what this adapter does instead:
   48 kHz and cut into consecutive 10 s windows (a last partial window is taken flush
   with the end; a clip shorter than 10 s is repeat-padded as CLAP was trained); the
   clip's embedding is the normalized mean of its windows' embeddings. Deterministic.
+- laion-clap's inference runs without gradients and rounds audio through int16. Here the
+  audio embedding is differentiable when asked (``embed_audio(..., differentiable=True)``,
+  for pathwise RL rewards): the same windows and the same forward value, the int16 round
+  trip made straight-through (backward = identity, clipping included), CLAP's frozen
+  weights receiving no gradient. By default it runs under ``no_grad`` as before.
 
 The image modality is a separate trunk (small CNN, or a CLIP vision tower) with a
 projection trained by alignment stage 3. The CLAP text/audio outputs go through
@@ -227,6 +232,20 @@ def clap_windows(wave: torch.Tensor, window: int = CLAP_WINDOW_SAMPLES) -> torch
     return torch.stack([wave[s : s + window] for s in starts])
 
 
+def int16_round_trip(waveforms: torch.Tensor) -> torch.Tensor:
+    """laion-clap's ``int16_to_float32(float32_to_int16(x))``: clip to [-1, 1], truncate to int16 steps."""
+    return (waveforms.clamp(-1, 1) * 32767.0).to(torch.int16).to(torch.float32) / 32767.0
+
+
+def straight_through(waveforms: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+    """Forward value exactly ``quantized``; backward the identity to ``waveforms`` (a straight-through estimator).
+
+    Written ``q + (x - x.detach())`` rather than ``x + (q - x).detach()``: the added term is
+    exactly zero, so the forward value is bit-identical to the quantized one.
+    """
+    return quantized.detach() + (waveforms - waveforms.detach())
+
+
 class ClapEncoder(ProjectedEncoder):
     encoder_type = "laion-clap"
     external_modules = ("clap",)
@@ -267,10 +286,18 @@ class ClapEncoder(ProjectedEncoder):
         )
         return self.clap.get_text_embedding({k: tokens[k] for k in ("input_ids", "attention_mask")})
 
-    @torch.no_grad()
-    def audio_features(self, waveforms: torch.Tensor) -> torch.Tensor:
-        if self.config.quantize_int16:  # laion-clap's int16_to_float32(float32_to_int16(x))
-            waveforms = (waveforms.clamp(-1, 1) * 32767.0).to(torch.int16).to(torch.float32) / 32767.0
+    def audio_features(self, waveforms: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
+        if not differentiable:  # inference: the frozen CLAP trunk without autograd
+            with torch.no_grad():
+                if self.config.quantize_int16:
+                    waveforms = int16_round_trip(waveforms)
+                return self._clap_audio_embedding(waveforms)
+        if self.config.quantize_int16:
+            waveforms = straight_through(waveforms, int16_round_trip(waveforms))
+        return self._clap_audio_embedding(waveforms)
+
+    def _clap_audio_embedding(self, waveforms: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` at 48 kHz -> ``[B, D]``: CLAP's embedding of each clip's windows, averaged (see :func:`clap_windows`)."""
         out = []
         for wave in waveforms:
             windows = clap_windows(wave)

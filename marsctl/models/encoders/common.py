@@ -11,6 +11,7 @@ features.
 from __future__ import annotations
 
 import abc
+import functools
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
@@ -111,8 +112,12 @@ class ProjectedEncoder(QueryEncoder):
     def text_features(self, texts: Sequence[str]) -> torch.Tensor: ...
 
     @abc.abstractmethod
-    def audio_features(self, waveforms: torch.Tensor) -> torch.Tensor:
-        """``[B, T]`` at ``self.sample_rate`` (all the same length) -> ``[B, F]``."""
+    def audio_features(self, waveforms: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
+        """``[B, T]`` at ``self.sample_rate`` (all the same length) -> ``[B, F]``.
+
+        ``differentiable``: the caller wants gradients w.r.t. ``waveforms`` (grad mode is on);
+        otherwise ``waveforms`` are detached and a frozen trunk may run without autograd.
+        """
 
     @abc.abstractmethod
     def image_features(self, images: torch.Tensor) -> torch.Tensor: ...
@@ -130,9 +135,17 @@ class ProjectedEncoder(QueryEncoder):
             raise ValueError("no texts to embed")
         return F.normalize(self.text_head(self.text_features(texts).to(self.device)), dim=-1)
 
-    def embed_audio(self, waveforms: Any, sample_rate: int) -> torch.Tensor:
-        waves = [resample(w, sample_rate, self.sample_rate) for w in as_waveform_list(waveforms)]
-        features = embed_grouped_by_length(waves, self.audio_features, self.audio_batch_size, self.device)
+    def embed_audio(self, waveforms: Any, sample_rate: int, *, differentiable: bool = False) -> torch.Tensor:
+        waves = as_waveform_list(waveforms)
+        if not differentiable:  # the waveforms are constants: no graph back to them
+            return self._embed_audio([w.detach() for w in waves], sample_rate, differentiable=False)
+        with torch.enable_grad():
+            return self._embed_audio(waves, sample_rate, differentiable=True)
+
+    def _embed_audio(self, waves: list[torch.Tensor], sample_rate: int, differentiable: bool) -> torch.Tensor:
+        waves = [resample(w, sample_rate, self.sample_rate) for w in waves]
+        tower = functools.partial(self.audio_features, differentiable=differentiable)
+        features = embed_grouped_by_length(waves, tower, self.audio_batch_size, self.device)
         return F.normalize(self.audio_head(features), dim=-1)
 
     def embed_image(self, images: torch.Tensor) -> torch.Tensor:

@@ -12,12 +12,16 @@ stem. Sources are paired by relative path; BSS-Eval runs over all sources of a m
 at once, so SIR measures leakage of the other sources. A mixture with one reference
 gets SDR/SAR/SI-SDR(i), and its SIR is reported as undefined.
 
-Problems with single files (no estimate, no reference, unreadable, different length or
-rate) become :class:`~marsctl.metrics.report.Failure` entries and the run goes on.
+An estimate (or mixture) at another rate is resampled to the references' rate, and the
+sample a resampling may add or lose is trimmed or zero-padded. Problems with single files
+(no estimate, no reference, unreadable, different length or rate) become
+:class:`~marsctl.eval.report.Failure` entries and the run goes on. Scoring is
+:func:`marsctl.eval.scoring.score_systems`: silent estimates are scored at its floor.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -28,8 +32,9 @@ from marsctl.audio.io import AUDIO_SUFFIXES, is_audio_path, load_audio_native
 from marsctl.audio.resample import resample
 from marsctl.config import SignalConfig
 from marsctl.errors import AudioError, MarsctlError
-from marsctl.metrics.report import EvalReport, Failure, SourceScores
-from marsctl.metrics.separation import BssEvalReferences, si_sdr, silent, stft_distance
+from marsctl.eval.report import EvalReport, Failure, SourceScores
+from marsctl.eval.scoring import SEPARATION_METRICS, fit_length, resampling_tolerance, score_systems
+from marsctl.metrics.separation import silent
 
 MIXTURE_STEM = "mixture"
 
@@ -141,14 +146,17 @@ def load_mixture(entry: MixtureEntry, failures: list[Failure]) -> LoadedMixture 
         except AudioError as exc:
             failures.append(Failure(exc.path, exc.problem))
             continue
+        est = torch.from_numpy(est)
         if est_sr != ref_sr:
-            est = resample(est, est_sr, ref_sr).numpy()
+            est = resample(est, est_sr, ref_sr)
             notes[pair.name] = f"estimate resampled {est_sr}->{ref_sr} Hz"
-        if len(est) != len(ref):
+        fitted = fit_length(est, len(ref), resampling_tolerance(est_sr, ref_sr))
+        if fitted is None:
             failures.append(
-                Failure(str(pair.estimate), f"length mismatch: estimate has {len(est)} samples, reference {pair.reference} has {len(ref)}")
+                Failure(str(pair.estimate), f"length mismatch: estimate has {est.shape[-1]} samples, reference {pair.reference} has {len(ref)}")
             )
             continue
+        est = fitted
         if refs and len(ref) != refs[0].shape[-1]:
             failures.append(Failure(str(pair.reference), f"length {len(ref)} differs from the mixture's other references ({refs[0].shape[-1]})"))
             continue
@@ -157,7 +165,7 @@ def load_mixture(entry: MixtureEntry, failures: list[Failure]) -> LoadedMixture 
             continue
         names.append(pair.name)
         refs.append(torch.from_numpy(ref))
-        ests.append(torch.from_numpy(est))
+        ests.append(est)
     if not names:
         return None
     skipped = [p.name for p in entry.sources if p.name not in names]
@@ -168,14 +176,14 @@ def load_mixture(entry: MixtureEntry, failures: list[Failure]) -> LoadedMixture 
     if entry.mixture_path is not None:
         try:
             mix, mix_sr = load_audio_native(entry.mixture_path)
-            if mix_sr != rate:
-                mix = resample(mix, mix_sr, rate).numpy()
-            if len(mix) != refs[0].shape[-1]:
+            mix = resample(torch.from_numpy(mix), mix_sr, rate)
+            fitted = fit_length(mix, refs[0].shape[-1], resampling_tolerance(mix_sr, rate))
+            if fitted is None:
                 failures.append(
-                    Failure(str(entry.mixture_path), f"length mismatch: mixture has {len(mix)} samples, references {refs[0].shape[-1]}; SI-SDRi not computed")
+                    Failure(str(entry.mixture_path), f"length mismatch: mixture has {mix.shape[-1]} samples, references {refs[0].shape[-1]}; SI-SDRi not computed")
                 )
             else:
-                mixture = torch.from_numpy(mix)
+                mixture = fitted
         except AudioError as exc:
             failures.append(Failure(exc.path, f"{exc.problem}; SI-SDRi not computed"))
     assert rate is not None
@@ -183,30 +191,21 @@ def load_mixture(entry: MixtureEntry, failures: list[Failure]) -> LoadedMixture 
 
 
 def score_mixtures(batch: list[LoadedMixture]) -> list[SourceScores]:
-    """Score mixtures of identical shape ``[S, T]`` in one batched BSS-Eval call."""
-    references = torch.stack([m.references for m in batch]).double()
-    estimates = torch.stack([m.estimates for m in batch]).double()
-    bss = BssEvalReferences(references).score(estimates)
-    si = si_sdr(references, estimates)
-    stft_l1 = stft_distance(references, estimates, SignalConfig(sample_rate=batch[0].sample_rate))
-    estimate_silent = silent(estimates)
+    """Score mixtures of identical shape ``[S, T]`` in one batched call of the scoring path."""
+    references = torch.stack([m.references for m in batch])
+    estimates = torch.stack([m.estimates for m in batch])
+    mixtures = torch.stack([m.mixture for m in batch]) if batch[0].mixture is not None else None
+    (scores,) = score_systems(references, [estimates], mixtures, SignalConfig(sample_rate=batch[0].sample_rate))
     rows: list[SourceScores] = []
     for b, mix in enumerate(batch):
-        si_mix = si_sdr(mix.references.double(), mix.mixture.double().expand_as(mix.references)) if mix.mixture is not None else None
-        n_sources = len(mix.names)
         for s, name in enumerate(mix.names):
-            notes = [mix.notes.get(name, "")]
-            row = SourceScores(mixture=mix.mixture_id, source=name, stft_distance=float(stft_l1[b, s]))
-            if bool(estimate_silent[b, s]):
-                notes.append("estimate is silent: SDR/SIR/SAR/SI-SDR undefined")
-            else:
-                row.sdr, row.sar, row.si_sdr = float(bss.sdr[b, s]), float(bss.sar[b, s]), float(si[b, s])
-                if n_sources > 1:
-                    row.sir = float(bss.sir[b, s])
-                else:
-                    notes.append("single source: SIR undefined")
-                if si_mix is not None:
-                    row.si_sdri = row.si_sdr - float(si_mix[s])
+            row = SourceScores(mixture=mix.mixture_id, source=name)
+            for metric in SEPARATION_METRICS:
+                value = float(scores.metrics[metric][b, s])
+                setattr(row, metric, value if math.isfinite(value) else None)
+            notes = [mix.notes.get(name, ""), *scores.notes((b, s))]
+            if len(mix.names) == 1:
+                notes.append("single source: SIR undefined")
             row.note = "; ".join(n for n in notes if n)
             rows.append(row)
     return rows

@@ -1,7 +1,9 @@
 """Evaluation reports: per-source rows, mean ± standard error summaries, JSON/CSV/Markdown output.
 
-Shared by ``marsctl eval`` on folders and on models: whatever produced the scores, a
-report is a list of :class:`SourceScores` rows plus the files that failed.
+The one report writer of ``marsctl eval``, for folders and for models: whatever produced
+the scores, a report is a list of :class:`SourceScores` rows plus the files that failed.
+Rows of several systems (``group["system"]``: the mixture, the model per query modality,
+the IRM oracle) are only ever summarised per system, never in one mean across systems.
 """
 
 from __future__ import annotations
@@ -14,11 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from rich.table import Table
-
+from marsctl.eval.scoring import DB_FLOOR, SEPARATION_METRICS
 from marsctl.files import write_json_atomic, write_text_atomic
 
-#: metric columns in display order, with their labels
+#: metric columns in display order, with their labels (the CLAP score only when a row has one)
 METRICS: dict[str, str] = {
     "sdr": "SDR (dB)",
     "sir": "SIR (dB)",
@@ -27,6 +28,8 @@ METRICS: dict[str, str] = {
     "si_sdri": "SI-SDRi (dB)",
     "stft_distance": "STFT L1",
 }
+CLAP_METRIC = ("clap_score", "CLAP")
+assert tuple(METRICS) == SEPARATION_METRICS
 
 
 @dataclass
@@ -41,6 +44,8 @@ class SourceScores:
     si_sdr: float | None = None
     si_sdri: float | None = None
     stft_distance: float | None = None
+    #: 100 x cosine of the label's text embedding and the estimate's audio embedding (models only)
+    clap_score: float | None = None
     #: extra grouping keys (e.g. system, class, query modality)
     group: dict[str, str] = field(default_factory=dict)
     note: str = ""
@@ -88,25 +93,49 @@ def summarize(values: Iterable[float | None]) -> MetricSummary:
     return MetricSummary(mean, math.sqrt(variance / n), n)
 
 
+@dataclass(frozen=True)
+class GroupSummary:
+    """The summary of the rows sharing the values ``key`` of some grouping keys."""
+
+    key: tuple[str, ...]
+    n: int  # rows in the group
+    metrics: dict[str, MetricSummary]
+
+
 @dataclass
 class EvalReport:
-    """All rows and failures of one evaluation, with the settings that produced them."""
+    """All rows and failures of one evaluation, with the settings that produced them.
+
+    ``single_system`` False (a model evaluation with its reference systems) leaves out the
+    overall "all" summary: means are per ``group["system"]`` only.
+    """
 
     rows: list[SourceScores]
     failures: list[Failure]
     settings: dict[str, Any] = field(default_factory=dict)
+    single_system: bool = True
+
+    @property
+    def metrics(self) -> dict[str, str]:
+        """The metric columns of this report (the CLAP score only when some row has one)."""
+        has_clap = any(r.clap_score is not None for r in self.rows)
+        return {**METRICS, **(dict([CLAP_METRIC]) if has_clap else {})}
 
     def summary(self, rows: Sequence[SourceScores] | None = None) -> dict[str, MetricSummary]:
         rows = self.rows if rows is None else rows
-        return {name: summarize(r.metric(name) for r in rows) for name in METRICS}
+        return {name: summarize(r.metric(name) for r in rows) for name in self.metrics}
+
+    def grouped(self, keys: Sequence[str]) -> list[GroupSummary]:
+        """Summaries per combination of ``keys`` (``"source"`` or keys of ``SourceScores.group``), in order of first appearance."""
+        groups: dict[tuple[str, ...], list[SourceScores]] = {}
+        for row in self.rows:
+            key = tuple(row.source if k == "source" else row.group.get(k, "") for k in keys)
+            groups.setdefault(key, []).append(row)
+        return [GroupSummary(key, len(rows), self.summary(rows)) for key, rows in groups.items()]
 
     def summary_by(self, key: str) -> dict[str, dict[str, MetricSummary]]:
         """Summaries per value of ``key``: ``"source"`` or a key of ``SourceScores.group``."""
-        groups: dict[str, list[SourceScores]] = {}
-        for row in self.rows:
-            value = row.source if key == "source" else row.group.get(key, "")
-            groups.setdefault(value, []).append(row)
-        return {value: self.summary(rows) for value, rows in sorted(groups.items())}
+        return {g.key[0]: g.metrics for g in sorted(self.grouped((key,)), key=lambda g: g.key)}
 
     def to_dict(self, group_keys: Sequence[str] = ()) -> dict[str, Any]:
         def summary_dict(summary: dict[str, MetricSummary]) -> dict[str, Any]:
@@ -119,18 +148,17 @@ class EvalReport:
                 "sources": len(self.rows),
                 "failures": len(self.failures),
             },
-            "summary": summary_dict(self.summary()),
+            **({"summary": summary_dict(self.summary())} if self.single_system else {}),
             "by": {key: {v: summary_dict(s) for v, s in self.summary_by(key).items()} for key in group_keys},
-            "rows": [_row_dict(r) for r in self.rows],
+            "rows": [self._row_dict(r) for r in self.rows],
             "failures": [dataclasses.asdict(f) for f in self.failures],
         }
 
-
-def _row_dict(row: SourceScores) -> dict[str, Any]:
-    data = {"mixture": row.mixture, "source": row.source, **row.group}
-    data.update({name: row.metric(name) for name in METRICS})
-    data["note"] = row.note
-    return data
+    def _row_dict(self, row: SourceScores) -> dict[str, Any]:
+        data = {"mixture": row.mixture, "source": row.source, **row.group}
+        data.update({name: row.metric(name) for name in self.metrics})
+        data["note"] = row.note
+        return data
 
 
 def _csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -142,44 +170,15 @@ def _csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return buffer.getvalue()
 
 
-def summary_table(report: EvalReport, title: str = "Evaluation", group_key: str | None = None) -> Table:
-    """A rich table of mean ± SE per metric (one row overall, or one per group value)."""
-    table = Table(title=title, show_lines=False)
-    table.add_column(group_key or "", style="bold")
-    for label in METRICS.values():
-        table.add_column(label, justify="right")
-    table.add_column("n", justify="right")
-    groups = {"all": report.summary()} if group_key is None else report.summary_by(group_key)
-    for name, summary in groups.items():
-        n = max(s.count for s in summary.values())
-        table.add_row(name, *(summary[m].format() for m in METRICS), str(n))
-    return table
-
-
-def markdown_summary(report: EvalReport, group_keys: Sequence[str] = ()) -> str:
-    header = "| | " + " | ".join(METRICS.values()) + " | n |\n|---|" + "---:|" * (len(METRICS) + 1) + "\n"
-    lines = ["# Evaluation summary", "", "Mean ± standard error over sources.", "", header.rstrip("\n")]
-
-    def add(name: str, summary: dict[str, MetricSummary]) -> None:
-        n = max(s.count for s in summary.values())
-        lines.append(f"| {name} | " + " | ".join(summary[m].format() for m in METRICS) + f" | {n} |")
-
-    add("all", report.summary())
-    for key in group_keys:
-        lines += ["", f"## By {key}", "", header.rstrip("\n")]
-        for value, summary in report.summary_by(key).items():
-            add(value, summary)
-    if report.failures:
-        lines += ["", f"## Failures ({len(report.failures)})", ""]
-        lines += [f"- `{f.path}`: {f.reason}" for f in report.failures]
-    return "\n".join(lines) + "\n"
-
-
 def write_report(report: EvalReport, out_dir: str | Path, group_keys: Sequence[str] = ()) -> dict[str, Path]:
-    """Write ``report.json``, ``scores.csv`` (one row per source), ``summary.csv`` and ``summary.md``.
+    """Write ``report.json``, ``scores.csv`` (one row per source), ``summary.csv`` and ``summary.md``;
+    for a report of several systems also ``model_summary.json`` / ``model_summary.md`` (mean ± SE
+    and n per system and query modality, overall and per class).
 
     Every file is written atomically. Returns the paths written, by kind.
     """
+    from marsctl.eval.tables import markdown_summary, markdown_table, system_entries
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -188,17 +187,18 @@ def write_report(report: EvalReport, out_dir: str | Path, group_keys: Sequence[s
         "summary_csv": out / "summary.csv",
         "markdown": out / "summary.md",
     }
+    metrics = report.metrics
     write_json_atomic(paths["json"], report.to_dict(group_keys))
     extra = sorted({k for r in report.rows for k in r.group})
     write_text_atomic(
         paths["scores_csv"],
         _csv_text(
-            ["mixture", "source", *extra, *METRICS, "note"],
-            ([r.mixture, r.source, *(r.group.get(k, "") for k in extra), *(r.metric(m) for m in METRICS), r.note] for r in report.rows),
+            ["mixture", "source", *extra, *metrics, "note"],
+            ([r.mixture, r.source, *(r.group.get(k, "") for k in extra), *(r.metric(m) for m in metrics), r.note] for r in report.rows),
         ),
     )
     summary_rows = []
-    groups = [("all", "all", report.summary())]
+    groups = [("all", "all", report.summary())] if report.single_system else []
     for key in group_keys:
         groups += [(key, value, s) for value, s in report.summary_by(key).items()]
     for key, value, summary in groups:
@@ -206,4 +206,15 @@ def write_report(report: EvalReport, out_dir: str | Path, group_keys: Sequence[s
             summary_rows.append([key, value, metric, s.mean, s.standard_error, s.count])
     write_text_atomic(paths["summary_csv"], _csv_text(["group", "value", "metric", "mean", "standard_error", "n"], summary_rows))
     write_text_atomic(paths["markdown"], markdown_summary(report, group_keys))
+    if not report.single_system:
+        overall, per_class = system_entries(report), system_entries(report, by_class=True)
+        paths["model_summary_json"] = out / "model_summary.json"
+        write_json_atomic(paths["model_summary_json"], {"meta": report.settings, "overall": overall, "per_class": per_class})
+        paths["model_summary_md"] = out / "model_summary.md"
+        write_text_atomic(
+            paths["model_summary_md"],
+            f"# Evaluation of {report.settings.get('model', 'model')} on {report.settings.get('data', 'data')}\n\n"
+            "Mean ± standard error over sources (dB; CLAP score = 100 × text–audio cosine); silent or failed "
+            f"estimates are scored at {DB_FLOOR:g} dB.\n\n" + markdown_table(overall) + "\n## Per class\n\n" + markdown_table(per_class),
+        )
     return paths

@@ -1,4 +1,5 @@
-"""``--decode best-of-N``: sample N masks from the Beta policy, keep the one the encoder likes best.
+"""Decode modes of ``marsctl separate``: ``mode`` (= P, the supervised mask), ``mean`` of the Beta
+policy, one ``sample``, or ``best-of-N``: sample N masks, keep the one the encoder likes best.
 
 For every chunk and query (``marsctl separate`` processes long files in chunks)::
 
@@ -23,6 +24,14 @@ import torch.nn.functional as F
 from marsctl.errors import ConfigError
 
 _BEST_OF = re.compile(r"^best-of-(\d+)$")
+#: decodes of the policy itself (:meth:`marsctl.models.policy.BetaMaskPolicy.decode`)
+DECODES = ("mode", "mean", "sample")
+
+
+def check_decode(decode: str) -> None:
+    """Raise :class:`ConfigError` unless ``decode`` is one of :data:`DECODES` or ``best-of-N``."""
+    if decode not in DECODES and parse_best_of(decode) is None:
+        raise ConfigError(f"unknown decode {decode!r}; expected one of {', '.join(DECODES)} or best-of-N (e.g. best-of-8)")
 
 
 def parse_best_of(decode: str) -> int | None:

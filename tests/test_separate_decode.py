@@ -10,15 +10,15 @@ import torch.nn.functional as F
 from marsctl.audio import save_audio
 from marsctl.errors import ConfigError
 from marsctl.models.separator import load_separator
-from marsctl.rl.decode import best_of_n_separate, parse_best_of
-from marsctl.separation import InputFile, Query, SeparateOptions, separate_jobs
+from marsctl.separate.decode import best_of_n_separate, parse_best_of
+from marsctl.separate import InputFile, Query, SeparateOptions, separate_jobs
 from test_rl_worker import pretrain
 from test_separator_fixtures import SR, LabelTestEncoder, make_tone_dataset, synth
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rl-decode")
+    root = tmp_path_factory.mktemp("separate-decode")
     return pretrain(make_tone_dataset(root / "data"), root / "sup", steps=20)
 
 

@@ -1,0 +1,186 @@
+"""Reading long files block by block, so that memory does not grow with their length.
+
+:func:`open_audio_stream` decodes wav/flac/ogg/... with soundfile in blocks and everything
+else (mp3, m4a, video containers) through an ffmpeg pipe (``f32le`` mono on stdout, read a
+block at a time), and resamples with :class:`StreamingResampler`, which gives exactly
+:func:`marsctl.audio.resample`'s output (the same Kaiser-sinc kernel, applied with the
+context it needs at each block edge). Concatenating the blocks of a stream gives
+:func:`marsctl.audio.load_audio`'s array (up to float rounding in the resampler's
+convolution); the same checks apply (missing, empty, corrupt, truncated, NaN/Inf, no
+samples), raised as :class:`~marsctl.errors.AudioError` when the block that shows the
+problem is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+
+from marsctl.audio.io import SOUNDFILE_SUFFIXES, _first_line, _wav_declared_data_bytes, _wav_sample_bytes, check_readable, probe_audio
+from marsctl.audio.resample import _RESAMPLE_KW
+from marsctl.errors import AudioError
+
+#: seconds of the file decoded per block
+BLOCK_SECONDS = 10.0
+
+
+class StreamingResampler:
+    """Resample a signal given in consecutive blocks; the blocks it returns concatenate to
+    ``resample(whole_signal, orig_sr, target_sr)``.
+
+    torchaudio's resampler is a strided convolution: output frame ``i`` (``new`` samples,
+    rates reduced by their gcd) reads input ``[i*orig - width, i*orig + width + orig)`` of
+    the signal zero-padded by ``width`` on the left and ``width + orig`` on the right. Here
+    the padded signal is consumed as it arrives and every frame whose window is complete is
+    computed; :meth:`finish` adds the right padding and trims to ``ceil(new * length / orig)``.
+    """
+
+    def __init__(self, orig_sr: int, target_sr: int):
+        self.identity = orig_sr == target_sr
+        gcd = math.gcd(orig_sr, target_sr)
+        self.orig, self.new = orig_sr // gcd, target_sr // gcd
+        if not self.identity:
+            transform = torchaudio.transforms.Resample(orig_sr, target_sr, dtype=torch.float32, **_RESAMPLE_KW)
+            self.kernel, self.width = transform.kernel, transform.width
+            self.window = 2 * self.width + self.orig
+            self.pending = torch.zeros(self.width)  # the left zero padding
+        self.length = 0  # input samples seen
+        self.emitted = 0  # output samples returned
+
+    def push(self, block: torch.Tensor) -> torch.Tensor:
+        """Feed input samples ``[n]``; returns the output samples that are now final."""
+        self.length += block.shape[-1]
+        if self.identity:
+            self.emitted += block.shape[-1]
+            return block
+        self.pending = torch.cat([self.pending, block.float()])
+        return self._frames()
+
+    def finish(self) -> torch.Tensor:
+        """The remaining output samples after the last block."""
+        if self.identity:
+            return torch.zeros(0)
+        self.pending = torch.cat([self.pending, torch.zeros(self.width + self.orig)])
+        target = math.ceil(self.new * self.length / self.orig)
+        remaining = max(target - self.emitted, 0)
+        return self._frames()[:remaining]
+
+    def _frames(self) -> torch.Tensor:
+        frames = (self.pending.shape[0] - self.window) // self.orig + 1 if self.pending.shape[0] >= self.window else 0
+        if frames <= 0:
+            return torch.zeros(0)
+        used = (frames - 1) * self.orig + self.window
+        out = torch.nn.functional.conv1d(self.pending[None, None, :used], self.kernel, stride=self.orig)
+        self.pending = self.pending[frames * self.orig :]
+        out = out[0].transpose(0, 1).reshape(-1)
+        self.emitted += out.shape[0]
+        return out
+
+
+@dataclasses.dataclass
+class AudioStream:
+    """A file being read block by block: mono float32 tensors at ``sample_rate``."""
+
+    path: Path
+    native_rate: int
+    sample_rate: int
+    #: length in seconds as the header or container declares it (for progress; may be approximate)
+    duration: float
+    blocks: Iterator[torch.Tensor]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self.blocks
+
+
+def open_audio_stream(path: str | Path, sample_rate: int | None = 16_000, block_seconds: float | None = None) -> AudioStream:
+    """Open ``path`` for block-wise reading (see the module docstring). Problems visible from
+    the header (missing, empty, permission denied, not audio) are raised here, the rest
+    while iterating. ``block_seconds`` (default :data:`BLOCK_SECONDS`) of the file are
+    decoded at a time."""
+    path = Path(path)
+    check_readable(path)
+    block_seconds = BLOCK_SECONDS if block_seconds is None else block_seconds
+    if path.suffix.lower() in SOUNDFILE_SUFFIXES:
+        try:
+            info = sf.info(str(path))
+        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+            raise AudioError(path, f"not a readable audio file ({_first_line(exc)})") from exc
+        native, duration = int(info.samplerate), float(info.duration)
+        raw = _soundfile_blocks(path, info, max(1, int(block_seconds * native)))
+    else:
+        native, duration = probe_audio(path)
+        raw = _ffmpeg_blocks(path, max(1, int(block_seconds * native)))
+    rate = native if sample_rate is None else sample_rate
+    return AudioStream(path, native, rate, duration, _checked_and_resampled(path, raw, native, rate))
+
+
+def _checked_and_resampled(path: Path, raw: Iterator[np.ndarray], native: int, rate: int) -> Iterator[torch.Tensor]:
+    resampler = StreamingResampler(native, rate)
+    for block in raw:
+        if not np.isfinite(block).all():
+            raise AudioError(path, "contains NaN or Inf samples")
+        out = resampler.push(torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)))
+        if out.numel():
+            yield out
+    if resampler.length == 0:
+        raise AudioError(path, "contains no audio samples (zero length)")
+    tail = resampler.finish()
+    if tail.numel():
+        yield tail
+
+
+def _soundfile_blocks(path: Path, info, block_frames: int) -> Iterator[np.ndarray]:
+    read = 0
+    try:
+        with sf.SoundFile(str(path)) as handle:
+            while True:
+                data = handle.read(block_frames, dtype="float32", always_2d=True)
+                if data.shape[0] == 0:
+                    break
+                read += data.shape[0]
+                yield data.mean(axis=1)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        raise AudioError(path, f"not a readable audio file ({_first_line(exc)})") from exc
+    if info.frames > 0 and read < info.frames:
+        raise AudioError(path, f"truncated: header declares {info.frames} frames, {read} readable")
+    declared = _wav_declared_data_bytes(path)
+    if declared is not None:
+        frame_bytes = info.channels * _wav_sample_bytes(info.subtype)
+        if frame_bytes and declared // frame_bytes > read + 1:
+            raise AudioError(path, f"truncated: header declares {declared // frame_bytes} frames, file holds {read}")
+
+
+def _ffmpeg_blocks(path: Path, block_frames: int) -> Iterator[np.ndarray]:
+    """Decode through ``ffmpeg ... -f f32le pipe:`` (the arguments of :func:`marsctl.audio.load_audio`)."""
+    command = ["ffmpeg", "-nostdin", "-v", "error", "-i", f"file:{path.resolve()}", "-map", "0:a:0",
+               "-f", "f32le", "-acodec", "pcm_f32le", "-ac", "1", "pipe:"]
+    with tempfile.TemporaryFile() as stderr:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr)
+        try:
+            leftover = b""
+            while True:
+                data = process.stdout.read(block_frames * 4)
+                if not data:
+                    break
+                data = leftover + data
+                usable = len(data) - len(data) % 4
+                leftover = data[usable:]
+                yield np.frombuffer(data[:usable], dtype=np.float32).copy()
+            if process.wait() != 0:
+                stderr.seek(0)
+                lines = stderr.read().decode("utf-8", "replace").strip().splitlines()
+                raise AudioError(path, f"ffmpeg could not decode it ({lines[-1] if lines else 'unknown ffmpeg error'})")
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.stdout.close()
+            process.wait()

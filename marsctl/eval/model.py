@@ -1,0 +1,239 @@
+"""Evaluating a separator on a dataset's fixed test mixtures (``marsctl eval --model M --data D``).
+
+As OmniSep/CLIPSep do, every source of every fixed test mixture is separated with its
+*own* query (:meth:`marsctl.queries.QueryBuilder.source`), and scored against that source as it sits in
+the mix by the scoring path of every ``marsctl eval`` (:func:`marsctl.eval.scoring.score_systems`:
+BSS-Eval SDR/SIR/SAR with the sources of a mixture scored jointly, SI-SDR, SI-SDRi, STFT
+distance; silent or failed estimates at the floor), plus the CLAP score: 100 * cos(text
+embedding of the source's label, audio embedding of the estimate), with the chosen encoder
+(default: the model's own query encoder).
+
+Two reference systems are scored on the same sources: ``mixture`` (the unprocessed mix
+as the estimate) and ``oracle-irm`` (the ideal ratio mask |S_n| / sum_k |S_k| applied to
+the mixture STFT, the ceiling of a mask-based separator with mixture phase).
+
+Rows (one per system x modality x source) are summarised as mean +/- standard error per
+system and modality, and per class (:func:`summarize`), never across systems.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from marsctl.audio import Spectrogram, load_audio
+from marsctl.errors import MarsctlError
+from marsctl.queries import SOURCE_MODALITIES as QUERY_MODALITIES
+from marsctl.queries import QueryBuilder
+from marsctl.eval.report import EvalReport, SourceScores, write_report
+from marsctl.eval.scoring import SEPARATION_METRICS, score_systems
+from marsctl.models.encoder_base import QueryEncoder
+from marsctl.models.separator import LoadedSeparator
+from marsctl.separate import SeparateOptions, separate_waveform
+
+METRICS = (*SEPARATION_METRICS, "clap_score")
+
+
+@dataclasses.dataclass
+class TestMixture:
+    mixture_id: str
+    mixture: np.ndarray  # [T]
+    sources: np.ndarray  # [S, T] as in the mix
+    labels: list[str]
+    clip_ids: list[str]
+    frame_paths: list[list[str]]
+
+
+def load_test_mixtures(dataset_dir: str | Path, split: str = "test", limit: int | None = None) -> list[TestMixture]:
+    from marsctl.data.manifest import load_mixtures
+
+    root = Path(dataset_dir)
+    table = load_mixtures(root, split=split)
+    if len(table) == 0:
+        raise MarsctlError(f"{root}: no fixed '{split}' mixtures in manifests/mixtures.parquet")
+    out = []
+    for i in range(len(table) if limit is None else min(limit, len(table))):
+        row = table[i]
+        mixture = load_audio(root / row["mixture_path"], None)
+        sources = np.stack([load_audio(root / p, None) for p in row["source_paths"]])
+        n = min(len(mixture), sources.shape[1])
+        out.append(TestMixture(row["mixture_id"], mixture[:n], sources[:, :n], list(row["source_labels"]),
+                               list(row["source_clip_ids"]), [list(p) for p in row["source_frame_paths"]]))
+    return out
+
+
+def oracle_irm(mixture: torch.Tensor, sources: torch.Tensor, spectrogram: Spectrogram) -> torch.Tensor:
+    """Ideal ratio mask estimates: iSTFT(|S_n| / sum_k |S_k| * X) for each source, ``[S, T]``."""
+    X = spectrogram.stft(mixture)
+    S = spectrogram.stft(sources).abs()
+    mask = S / S.sum(0, keepdim=True).clamp_min(1e-12)
+    return spectrogram.istft(mask * X, mixture.shape[-1])
+
+
+class ClapScorer:
+    """CLAP score of estimates: 100 x cos(text embedding of the label, audio embedding of the estimate)."""
+
+    def __init__(self, encoder: QueryEncoder, sample_rate: int):
+        self.encoder, self.sample_rate = encoder, sample_rate
+        self._texts: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, labels: Sequence[str], estimates: torch.Tensor) -> torch.Tensor:
+        for label in labels:
+            if label not in self._texts:
+                self._texts[label] = self.encoder.embed_text([label])[0].float().cpu()
+        text = torch.stack([self._texts[label] for label in labels])
+        audio = self.encoder.embed_audio([e.float().to(self.encoder.device) for e in estimates], self.sample_rate).float().cpu()
+        return (text * audio).sum(-1) * 100.0
+
+
+def score_mixture(mix: TestMixture, systems: Sequence[tuple[str, str, torch.Tensor]], clap: Callable, signal) -> list[dict[str, Any]]:
+    """Rows of every ``(system, query_modality, estimates [S, T])`` of one test mixture, scored in one pass."""
+    scores = score_systems(torch.from_numpy(mix.sources), [est for _, _, est in systems], torch.from_numpy(mix.mixture), signal)
+    rows = []
+    for (system, modality, estimates), result in zip(systems, scores):
+        clap_scores = clap(mix.labels, estimates)
+        for n, label in enumerate(mix.labels):
+            row = {"system": system, "query_modality": modality, "mixture_id": mix.mixture_id, "source": n, "label": label}
+            row.update({m: float(result.metrics[m][n]) for m in SEPARATION_METRICS})
+            row["clap_score"] = float(clap_scores[n])
+            row["note"] = "; ".join(result.notes((n,)))
+            rows.append(row)
+    return rows
+
+
+@torch.no_grad()
+def evaluate_separator(
+    model: LoadedSeparator,
+    encoder: QueryEncoder,
+    dataset_dir: str | Path,
+    query_modalities: Sequence[str] = ("text",),
+    clap_encoder: QueryEncoder | None = None,
+    split: str = "test",
+    limit: int | None = None,
+    references: bool = True,
+    on_mixture: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Per-source rows for the model (each modality) and, with ``references``, the mixture and IRM oracle.
+
+    A row: ``system``, ``query_modality`` (``-`` for the references), ``mixture_id``,
+    ``source`` (index), ``label``, the metrics (NaN = undefined) and ``note``.
+    """
+    bad = [m for m in query_modalities if m not in QUERY_MODALITIES]
+    if bad:
+        raise MarsctlError(f"unknown query modality {bad[0]!r}; expected one of {', '.join(QUERY_MODALITIES)}")
+    root = Path(dataset_dir)
+    signal = model.model.config.signal
+    mixtures = load_test_mixtures(root, split, limit)
+    queries = QueryBuilder(encoder, root, signal.sample_rate, split=split)
+    clap = ClapScorer(clap_encoder or encoder, signal.sample_rate)
+    spectrogram = Spectrogram(signal).double()
+    options = SeparateOptions()
+    rows: list[dict[str, Any]] = []
+    for mix in mixtures:
+        if mix.sources.shape[1] == 0:
+            continue
+        mixture = torch.from_numpy(mix.mixture)
+        systems: list[tuple[str, str, torch.Tensor]] = []
+        if references:
+            systems.append(("mixture", "-", mixture.unsqueeze(0).expand(len(mix.labels), -1)))
+            systems.append(("oracle-irm", "-", oracle_irm(mixture.double(), torch.from_numpy(mix.sources).double(), spectrogram).float()))
+        for modality in query_modalities:
+            vectors = [queries.source(modality, label, clip_id, frames) for label, clip_id, frames in zip(mix.labels, mix.clip_ids, mix.frame_paths)]
+            if any(v is None for v in vectors):
+                raise MarsctlError(
+                    f"{root}: mixture {mix.mixture_id} has no {modality} query for one of its sources "
+                    f"({'no video frames' if modality == 'image' else 'no other clip of the same class in the split'})"
+                )
+            systems.append(("model", modality, separate_waveform(model.model, mixture, torch.stack(vectors), options)))
+        rows += score_mixture(mix, systems, clap, signal)
+        if on_mixture is not None:
+            on_mixture(mix.mixture_id)
+    return rows
+
+
+def system_name(row: dict[str, Any]) -> str:
+    return row["system"] if row["query_modality"] == "-" else f"{row['system']} ({row['query_modality']} query)"
+
+
+def as_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any] | None = None) -> EvalReport:
+    """The rows of :func:`evaluate_separator` as a report grouped by system (never summarised across systems)."""
+    clean = lambda x: None if isinstance(x, float) and not math.isfinite(x) else x  # noqa: E731
+    return EvalReport(
+        rows=[
+            SourceScores(
+                mixture=r["mixture_id"], source=r["label"], **{m: clean(r.get(m)) for m in METRICS},
+                group={"system": system_name(r), "query_modality": r["query_modality"], "class": r["label"]},
+                note=r.get("note") or "",
+            )
+            for r in rows
+        ],
+        failures=[],
+        settings=dict(meta or {}),
+        single_system=False,
+    )
+
+
+def summarize(rows: Sequence[dict[str, Any]], by_label: bool = False) -> list[dict[str, Any]]:
+    """Mean, standard error and n of every metric per (system, query modality[, label]); undefined values skipped."""
+    from marsctl.eval.tables import system_entries
+
+    return system_entries(as_report(rows), by_class=by_label)
+
+
+def write_evaluation(rows: Sequence[dict[str, Any]], out_dir: str | Path, meta: dict[str, Any]) -> dict[str, Path]:
+    """Write the evaluation, atomically, into ``out_dir`` with :func:`marsctl.eval.report.write_report`:
+    ``report.json``, ``scores.csv``, ``summary.csv``, ``summary.md`` grouped by system
+    (``model (text query)``, ``mixture``, ``oracle-irm``, ...) and class, and
+    ``model_summary.json`` / ``model_summary.md`` (per system and query modality, overall and per class)."""
+    return write_report(as_report(rows, meta), out_dir, group_keys=("system", "class"))
+
+
+def evaluate_model_on_dataset(
+    model_spec: str | Path | None,
+    dataset: str | Path,
+    out_dir: str | Path,
+    query_modalities: Sequence[str] = ("text",),
+    split: str = "test",
+    limit: int | None = None,
+    clap_encoder: str | None = None,
+    device: str | None = None,
+    on_mixture: Callable[[str], None] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+    """``marsctl eval --model M --data D``: load, evaluate, write the report; returns (rows, paths).
+
+    ``model_spec`` None uses the embedded default; ``dataset`` may be a Hub dataset id.
+    """
+    from marsctl.models.encoders import load_encoder
+    from marsctl.separate import load_model_and_encoder
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    data_dir = Path(dataset)
+    if not data_dir.exists():
+        from marsctl.hub import resolve_artifact
+
+        data_dir = Path(resolve_artifact(str(dataset), "dataset"))
+    model, encoder = load_model_and_encoder(model_spec, device=device)
+    clap = load_encoder(clap_encoder, device=device) if clap_encoder else None
+    rows = evaluate_separator(model, encoder, data_dir, query_modalities, clap_encoder=clap, split=split, limit=limit, on_mixture=on_mixture)
+    meta = {
+        "model": str(model.directory), "data": str(data_dir), "split": split, "query_modalities": list(query_modalities),
+        "encoder": model.encoder, "clap_encoder": clap_encoder or model.encoder,
+    }
+    return rows, write_evaluation(rows, out_dir, meta)
+
+
+def count_test_mixtures(dataset: str | Path, split: str = "test", limit: int | None = None) -> int | None:
+    """How many mixtures :func:`evaluate_model_on_dataset` will separate (for a progress count); None if unknown."""
+    from marsctl.data.manifest import load_mixtures
+
+    try:
+        n = len(load_mixtures(Path(dataset), split=split))
+    except Exception:  # a Hub id not yet downloaded, or a broken manifest the evaluation itself reports
+        return None
+    return n if limit is None else min(n, limit)

@@ -1,0 +1,122 @@
+"""The chunked apply step: one function, :func:`apply_separator`, as demucs' ``apply_model``.
+
+A waveform of any length (a tensor, or the blocks of a file being read) is cut into chunks of
+the model's training window that overlap by ``overlap``; ``batch_size`` chunks go through the
+separator at a time, all queries of a file sharing one U-Net pass; each chunk is decoded
+(``mode``, ``mean``, ``sample`` or ``best-of-N``, :mod:`marsctl.separate.decode`) and the
+chunks are cross-faded back (:class:`marsctl.audio.StreamingOverlapAdd`). Estimates come
+out block by block as soon as they are final, so memory does not grow with the length, and
+the concatenated blocks do not depend on how the input was cut into blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from marsctl.audio import StreamingOverlapAdd
+from marsctl.errors import ConfigError
+from marsctl.models.encoder_base import QueryEncoder
+from marsctl.models.separator import Separator as SeparatorModel
+from marsctl.separate.decode import best_of_n_separate, check_decode, parse_best_of
+
+
+@dataclasses.dataclass(frozen=True)
+class SeparateOptions:
+    out_dir: Path = Path("separated")
+    decode: str = "mode"
+    residual: bool = False
+    overwrite: bool = False
+    #: chunk length in samples (default: the model's training window)
+    chunk_samples: int | None = None
+    overlap: float = 0.25
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_decode(self.decode)
+
+
+class _PrivateRNG:
+    """A random stream seeded once and used only inside :meth:`active`, so that sampled decodes
+    are reproducible whatever the caller draws between two blocks."""
+
+    def __init__(self, seed: int, device: torch.device):
+        self.devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=self.devices):
+            torch.manual_seed(seed)
+            self._save()
+
+    def _save(self) -> None:
+        self.cpu_state = torch.get_rng_state()
+        self.cuda_states = [torch.cuda.get_rng_state(d) for d in self.devices]
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        with torch.random.fork_rng(devices=self.devices):
+            torch.set_rng_state(self.cpu_state)
+            for device, state in zip(self.devices, self.cuda_states):
+                torch.cuda.set_rng_state(state, device)
+            yield
+            self._save()
+
+
+@torch.no_grad()
+def apply_separator(
+    model: SeparatorModel,
+    mixture: torch.Tensor | Iterable[torch.Tensor],
+    queries: torch.Tensor,
+    *,
+    decode: str = "mode",
+    chunk_samples: int | None = None,
+    overlap: float = 0.25,
+    batch_size: int = 8,
+    seed: int = 0,
+    encoder: QueryEncoder | None = None,
+) -> Iterator[torch.Tensor]:
+    """Separate a mono mixture at the model's rate with ``K`` query vectors ``[K, D]``.
+
+    ``mixture`` is a waveform ``[T]`` or an iterable of consecutive blocks ``[n]`` (of any
+    sizes). Yields estimate blocks ``[K, m]`` on the CPU; together they are ``[K, T]``.
+    ``chunk_samples`` defaults to the model's training window; ``decode='sample'`` and
+    ``best-of-N`` draw from a generator seeded with ``seed``; ``best-of-N`` scores its samples
+    with ``encoder`` (the query encoder).
+    """
+    check_decode(decode)
+    best_of = parse_best_of(decode)
+    if best_of is not None and encoder is None:
+        raise ConfigError(f"--decode {decode} needs the query encoder to score the samples")
+    device = next(model.parameters()).device
+    queries = queries.to(device)
+    rng = _PrivateRNG(seed, device)
+
+    def process(chunks: torch.Tensor) -> torch.Tensor:  # [N, chunk] -> [N, K, chunk]
+        q = queries.unsqueeze(0).expand(chunks.shape[0], -1, -1)
+        with rng.active():
+            if best_of is not None:  # N samples re-ranked by the encoder (marsctl.separate.decode)
+                return best_of_n_separate(model, chunks, q, best_of, encoder)
+            return model.separate(chunks, q, decode=decode)
+
+    stream = StreamingOverlapAdd(process, chunk_samples or model.config.signal.segment_samples, overlap, batch_size)
+    for block in [mixture] if isinstance(mixture, torch.Tensor) else mixture:
+        done = stream.push(block.to(device))
+        if done.numel():
+            yield done.cpu()
+    yield stream.finish().cpu()
+
+
+def separate_waveform(
+    model: SeparatorModel, waveform: torch.Tensor, queries: torch.Tensor, options: SeparateOptions, seed: int | None = None,
+    encoder: QueryEncoder | None = None,
+) -> torch.Tensor:
+    """One mono waveform ``[T]`` and ``K`` query vectors ``[K, D]`` -> ``[K, T]`` estimates
+    (:func:`apply_separator` on a whole tensor, with the options of ``options``)."""
+    blocks = apply_separator(
+        model, waveform, queries, decode=options.decode, chunk_samples=options.chunk_samples, overlap=options.overlap,
+        batch_size=options.batch_size, seed=options.seed if seed is None else seed, encoder=encoder,
+    )
+    return torch.cat(list(blocks), dim=-1)

@@ -1,0 +1,255 @@
+"""The training loop of ``train sup`` and ``train rl``: one loop, two step functions.
+
+A trainer describes itself as a :class:`TrainingTask` (its model, its step function, its
+validation and how it saves its artifact); :func:`run_training` does the rest, the same way
+for both:
+
+* a lock on the run directory (a second run into the same ``--out`` is refused);
+* AdamW with linear warmup and cosine decay (``TrainingLoopConfig.lr_lambda``);
+* exact resume from the latest checkpoint (model, optimizer, scheduler, RNG state, history,
+  the task's own state), refused when a setting in ``task.resume_keys`` changed;
+* DDP under torchrun (only rank 0 validates, writes files and shows progress);
+* the step-indexed batch order (:class:`~marsctl.train.data.StepBatchSampler`);
+* validation every ``val_every`` steps (and at step 0 when the task asks for it), the best
+  validation SI-SDRi, checkpoints every ``checkpoint_every`` steps;
+* logging: ``metrics.jsonl`` (one line per logged step), TensorBoard scalars (``train/*`` and
+  ``val/*``), ``history.json`` at the end, and a progress bar.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from marsctl.config import SignalConfig, to_mapping
+from marsctl.errors import MarsctlError
+from marsctl.files import write_json_atomic, write_text_atomic
+from marsctl.models.separator import Separator
+from marsctl.progress import StepProgress
+from marsctl.train import checkpoint as ckpt
+from marsctl.train.data import EpochIndexedDataset, StepBatchSampler, collate, fixed_mixtures, mixing_dataset
+from marsctl.train.distributed import DistributedContext
+from marsctl.train.lock import RunLock
+from marsctl.train.loop_config import TrainingLoopConfig
+
+#: seeds of one step: stream s of rank r at step t is seed * 1_000_003 + t * 9_973 + r * RANK_STRIDE + s
+SEED_STREAMS = 2
+RANK_STRIDE = SEED_STREAMS  # rank r's streams never meet rank r+1's
+_STEP_STRIDE = 9_973
+
+
+def step_seed(seed: int, step: int, rank: int = 0, stream: int = 0, world_size: int = 1) -> int:
+    """The seed of random stream ``stream`` (< SEED_STREAMS) of ``rank`` at ``step``: distinct for every
+    (step, rank, stream) of a run with at most 9_973 / SEED_STREAMS processes. (RL: stream 0 draws the
+    queries and targets, stream 1 the masks.)"""
+    if not 0 <= stream < SEED_STREAMS:
+        raise ValueError(f"stream must be in 0..{SEED_STREAMS - 1}, got {stream}")
+    if world_size * RANK_STRIDE > _STEP_STRIDE:
+        raise MarsctlError(f"at most {_STEP_STRIDE // RANK_STRIDE} processes per run, got {world_size}")
+    return seed * 1_000_003 + step * _STEP_STRIDE + rank * RANK_STRIDE + stream
+
+
+@dataclasses.dataclass
+class Scores:
+    """Validation SI-SDRi (dB): the best so far and the latest, None before the first validation."""
+
+    best: float | None = None
+    last: float | None = None
+
+
+class TrainingTask(Protocol):
+    """What a trainer gives the loop."""
+
+    #: shown on the progress bar ("train sup")
+    title: str
+    model: Separator
+    signal: SignalConfig
+    #: settings that must equal the checkpoint's to resume
+    resume_keys: tuple[str, ...]
+    #: validate before the first step too (every validation curve starts at step 0)
+    validate_at_start: bool
+    #: "best": the run directory holds the model of the best validation SI-SDRi; "latest": the latest checkpoint's
+    artifact: str
+
+    def train_step(self, step: int, batch: dict[str, Any], train_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   log: bool) -> dict[str, Any]:
+        """One step of ``optimizer`` (``train_model`` is the model or its DDP wrapper); the metrics to log when ``log``."""
+
+    def validate(self, val_set: list) -> dict[str, float]:
+        """``val_*`` metrics on the fixed validation mixtures, ``val_si_sdri`` among them."""
+
+    def save_artifact(self, directory: Path, step: int, scores: Scores) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """The task's own state for the checkpoint (merged into the training state)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def status(self, record: dict[str, Any], scores: Scores) -> str | None:
+        """The progress bar's status after a logged step (None: unchanged)."""
+
+
+@dataclasses.dataclass
+class LoopResult:
+    step: int
+    scores: Scores
+    history: list[dict[str, Any]]
+
+
+def require_dataset(data: str) -> Path:
+    dataset_dir = Path(data)
+    if not dataset_dir.is_dir():
+        raise MarsctlError(f"{dataset_dir}: no such dataset directory")
+    return dataset_dir
+
+
+def run_training(
+    task: TrainingTask,
+    config: TrainingLoopConfig,
+    run_dir: str | Path,
+    ctx: DistributedContext,
+    resume: bool = True,
+    progress: bool = True,
+    on_step_end: Callable[[int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> LoopResult:
+    """Train ``task.model`` into ``run_dir`` (see the module docstring); closes ``ctx`` at the end."""
+    run_dir = Path(run_dir)
+    lock = RunLock(run_dir) if ctx.is_main else None
+    try:
+        if lock is not None:
+            lock.acquire()
+        ctx.barrier()
+        return _train(task, config, run_dir, ctx, resume, progress, on_step_end, log or (lambda message: None))
+    finally:
+        if lock is not None:
+            lock.release()
+        ctx.close()
+
+
+def _train(task, config, run_dir: Path, ctx: DistributedContext, resume, progress, on_step_end, log) -> LoopResult:
+    from torch.utils.tensorboard import SummaryWriter
+
+    model = task.model
+    dataset_dir = require_dataset(config.data)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_lambda())
+    start_step, scores, history = 0, Scores(), []
+
+    if not resume and ctx.is_main and (run_dir / "checkpoints").is_dir():
+        shutil.rmtree(run_dir / "checkpoints")  # starting over: old steps must not be resumed later
+    ctx.barrier()
+    latest = ckpt.latest_checkpoint(run_dir) if resume else None
+    if latest is not None:
+        state = ckpt.load_training_state(latest, map_location=ctx.device)
+        saved, current = state.get("config", {}), to_mapping(config)
+        for key in task.resume_keys:
+            if key in saved and saved[key] != current[key]:
+                raise MarsctlError(f"{run_dir}: cannot resume, '{key}' differs from the checkpoint's; use a new --out or --no-resume")
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(latest / "model.safetensors"), device=str(ctx.device)))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        task.load_state_dict(state)
+        start_step, history = int(state["step"]), list(state.get("history", []))
+        scores = Scores(best=state.get("best_si_sdri"), last=next((h["val_si_sdri"] for h in reversed(history) if "val_si_sdri" in h), None))
+        log(f"resuming from {latest} (step {start_step})")
+
+    train_model: torch.nn.Module = model
+    if ctx.enabled:
+        train_model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+    dataset = EpochIndexedDataset(mixing_dataset(dataset_dir, "train", task.signal, config.num_sources, seed=config.seed))
+    sampler = StepBatchSampler(len(dataset), config.batch_size, config.seed, start_step, config.max_steps, ctx.rank, ctx.world_size)
+    # the loader draws its workers' base seed from its own generator, not from the global RNG (which
+    # the checkpoint restores): a resumed run's RNG then goes through exactly the uninterrupted run's draws
+    loader_seeds = torch.Generator().manual_seed(step_seed(config.seed, start_step, ctx.rank, 0, ctx.world_size))
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=config.num_workers, persistent_workers=False,
+                        generator=loader_seeds)
+    val_set = fixed_mixtures(dataset_dir, config.val_split, task.signal, config.val_mixtures, config.num_sources) if ctx.is_main else []
+
+    writer = SummaryWriter(str(run_dir / "tensorboard")) if ctx.is_main else None
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "train_config.json", to_mapping(config))
+        # metrics.jsonl: one line per logged step, for `tail -f`; restarted from the checkpoint's history on resume
+        write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+
+    def write_record(record: dict[str, Any]) -> None:
+        history.append(record)
+        with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as metrics_file:
+            metrics_file.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key != "step" and value is not None:
+                name = f"val/{key.removeprefix('val_')}" if key.startswith("val_") else f"train/{key}"
+                writer.add_scalar(name, value, record["step"])
+
+    def validate(step: int) -> dict[str, float]:
+        metrics = task.validate(val_set)
+        scores.last = metrics["val_si_sdri"]
+        if scores.best is None or scores.last > scores.best:
+            scores.best = scores.last
+            if task.artifact == "best":
+                task.save_artifact(run_dir, step, scores)
+        return metrics
+
+    def save_checkpoint(step: int) -> None:
+        state = {
+            "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
+            "best_si_sdri": scores.best, "history": history, "config": to_mapping(config), **task.state_dict(),
+        }
+        ckpt.save_checkpoint(run_dir, step, lambda directory: task.save_artifact(directory, step, scores), state, keep=config.keep_checkpoints)
+
+    bar = StepProgress(task.title, config.max_steps, start_step) if ctx.is_main and progress else None
+    if ctx.is_main and start_step == 0 and val_set and task.validate_at_start:
+        write_record({"step": 0, **validate(0)})
+
+    step = start_step
+    step_seconds, steps_timed = 0.0, 0
+    try:
+        for step, batch in enumerate(loader, start=start_step + 1):
+            started = time.perf_counter()
+            logged = step % config.log_every == 0 or step == config.max_steps
+            metrics = task.train_step(step, batch, train_model, optimizer, logged)
+            scheduler.step()
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize(ctx.device)
+            step_seconds, steps_timed = step_seconds + time.perf_counter() - started, steps_timed + 1
+
+            record: dict[str, Any] = {}
+            if logged:
+                record = {"step": step, **metrics, "lr": scheduler.get_last_lr()[0], "step_time_s": step_seconds / steps_timed}
+                step_seconds, steps_timed = 0.0, 0
+            if ctx.is_main and val_set and (step % config.val_every == 0 or step == config.max_steps):
+                record = {**record, "step": step, **validate(step)}
+            if ctx.is_main and record:
+                write_record(record)
+                if bar is not None:
+                    bar.update(step, task.status(record, scores))
+            if ctx.is_main and (step % config.checkpoint_every == 0 or step == config.max_steps):
+                save_checkpoint(step)
+                if task.artifact == "latest" or not val_set:
+                    task.save_artifact(run_dir, step, scores)
+            if bar is not None:
+                bar.update(step)
+            if on_step_end is not None:
+                on_step_end(step)
+    finally:
+        if bar is not None:
+            bar.stop()
+        if writer is not None:
+            writer.close()
+    if ctx.is_main:
+        write_json_atomic(run_dir / "history.json", history)
+    ctx.barrier()
+    return LoopResult(step=step, scores=scores, history=history)

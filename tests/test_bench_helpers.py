@@ -1,0 +1,55 @@
+"""Smoke tests of the benchmark helpers (bench/speed.py, bench/quality.py); the benchmarks
+themselves are not run here. (The Debian sound-effect preparation that lived here is now the
+``debian`` source kind: tests/test_data_debian.py.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+speed = _load("speed")
+
+
+def test_speed_test_signal_is_deterministic_and_not_silent():
+    a, b = speed.test_signal(2.0), speed.test_signal(2.0)
+    assert a.dtype == np.float32 and len(a) == 2 * 16_000
+    np.testing.assert_array_equal(a, b)
+    assert 0.05 < np.sqrt(np.mean(a.astype(np.float64) ** 2)) < 0.5
+
+
+def test_quality_report_gaps_and_oracle_shares_come_from_the_rows():
+    quality = _load("quality")
+    si_sdri = {"mixture": 0.0, "oracle-irm": 10.0, "supervised": 4.0, "rl": 5.5, "rl best-of-N": 6.0}
+    rows = []
+    for system, value in si_sdri.items():
+        for n, label in enumerate(["fire", "rain", "fire", "rain"]):
+            rows.append({"system": system, "query_modality": "-" if system in ("mixture", "oracle-irm") else "text",
+                         "mixture_id": f"m{n // 2}", "source": n % 2, "label": label,
+                         "sdr": value, "sir": value + 1, "sar": None if system == "mixture" else 20.0,
+                         "si_sdr": value, "si_sdri": value + (0.5 if label == "fire" else -0.5),
+                         "stft_distance": 0.1, "clap_score": 10.0})
+    text, summary = quality.report("toy", rows, {"describe": "toy rows"})
+    targets = summary["targets"]
+    assert targets["rl_minus_sup_si_sdri_db"] == pytest.approx(1.5)
+    assert targets["best_of_n_minus_sup_si_sdri_db"] == pytest.approx(2.0)
+    assert targets["sup_share_of_oracle"] == pytest.approx(0.4)
+    assert targets["rl_share_of_oracle"] == pytest.approx(0.55)
+    assert [e["system"] for e in summary["overall"]] == list(quality.SYSTEMS)
+    fire_rl = next(e for e in summary["per_class"] if e["label"] == "fire" and e["system"] == "rl")
+    assert fire_rl["si_sdri_mean"] == pytest.approx(6.0) and fire_rl["n"] == 2
+    assert "+1.50 dB" in text and "### toy" in text

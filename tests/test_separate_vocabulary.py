@@ -1,0 +1,50 @@
+"""Out-of-vocabulary text queries: one note naming the nearest known classes, and the run goes on
+(issue 14, item 5). Real packaged default model and encoder, real example mixture."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import marsctl
+from marsctl.cli.main import app
+from marsctl.pretrained import EXAMPLES_DIR
+from marsctl.separate.queries import OUT_OF_VOCABULARY_COSINE, out_of_vocabulary
+
+
+@pytest.fixture(scope="module")
+def separator():
+    return marsctl.Separator.from_pretrained("default", device="cpu")
+
+
+def test_default_model_records_its_classes(separator):
+    assert len(separator.known_labels) == 10 and "violin" in separator.known_labels
+
+
+def test_far_queries_are_flagged_with_their_nearest_classes(separator):
+    notes = separator.out_of_vocabulary(["violin", "dog barking", "guitar", "dog barking", "rain"])
+    assert [note.query for note in notes] == ["dog barking", "rain"]  # each once; known names and close variants pass
+    nearest = notes[0].nearest
+    assert len(nearest) == 3 and all(label in separator.known_labels for label, _ in nearest)
+    assert all(cos < OUT_OF_VOCABULARY_COSINE for _, cos in nearest)
+    assert [cos for _, cos in nearest] == sorted((cos for _, cos in nearest), reverse=True)
+    assert "dog barking" in notes[0].message() and nearest[0][0] in notes[0].message()
+
+
+def test_no_recorded_classes_means_no_note(separator):
+    assert out_of_vocabulary(separator.encoder, [], ["dog barking"]) == []
+
+
+def test_cli_prints_one_line_and_still_separates(tmp_path):
+    example = EXAMPLES_DIR / json.loads((EXAMPLES_DIR / "examples.json").read_text())[0]["file"]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["separate", str(example), "-q", "dog barking", "-q", "violin", "-o", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.output.splitlines() if "far from every class" in line]
+    assert len(notes) == 1 and "'dog barking'" in notes[0] and "nearest:" in notes[0]
+    assert len(list(out.rglob("*.wav"))) == 1  # the composed query was separated anyway
+
+    result = CliRunner().invoke(app, ["separate", str(example), "-q", "violin", "-o", str(tmp_path / "out2"), "--device", "cpu"])
+    assert result.exit_code == 0 and "far from every class" not in result.output
