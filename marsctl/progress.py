@@ -131,3 +131,49 @@ class StepProgress:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class FileProgress:
+    """Two displays for batch jobs over files: files done, and seconds done within the current
+    (possibly hours-long) file. On a terminal two rich bars; otherwise a plain line per finished file
+    and about every 10 % of a long file. Use as a context manager; call :meth:`within` while a
+    file is processed and :meth:`file_done` after it."""
+
+    def __init__(self, total_files: int, console: Console | None = None, *, show: bool = True):
+        self.console = console or Console(stderr=True)
+        self.total_files, self.files_done = total_files, 0
+        self.show, self._rich, self._within_plain = show, None, None
+        if show and self.console.is_terminal:
+            self._rich = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[name]}"),
+                TimeElapsedColumn(), console=self.console,
+            )
+            self._files = self._rich.add_task("files", total=total_files, name="")
+            self._seconds = self._rich.add_task("seconds", total=None, name="", visible=False)
+
+    def __enter__(self) -> "FileProgress":
+        if self._rich is not None:
+            self._rich.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._rich is not None:
+            self._rich.stop()
+
+    def within(self, name: str, done_seconds: float, total_seconds: float) -> None:
+        total = max(int(total_seconds + 0.999), 1)
+        if self._rich is not None:
+            self._rich.update(self._seconds, completed=int(done_seconds), total=total, name=name, visible=True)
+        elif self.show:
+            if self._within_plain is None or self._within_plain.description != f"{name} (seconds)":
+                self._within_plain = _PlainLines(self.console, f"{name} (seconds)", total)
+            self._within_plain.advance(int(done_seconds) - self._within_plain.done)
+
+    def file_done(self, name: str) -> None:
+        self.files_done += 1
+        if self._rich is not None:
+            self._rich.update(self._files, advance=1, name=name)
+            self._rich.update(self._seconds, visible=False, completed=0)
+        elif self.show:
+            self._within_plain = None
+            self.console.print(f"files: {self.files_done}/{self.total_files}", highlight=False, markup=False, soft_wrap=True)

@@ -88,22 +88,15 @@ def separate(
 
 
 def _run_with_progress(separator, jobs, out: Path, residual: bool, overwrite: bool):
-    """Separate with two bars: files done, and seconds done within the current file."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """Separate with two displays: files done, and seconds done within the current file."""
+    from marsctl.progress import FileProgress
 
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[name]}"), TimeElapsedColumn())
-    with Progress(*columns, console=err_console) as progress:
-        files = progress.add_task("files", total=len({item.path for item, _ in jobs}), name="")
-        seconds = progress.add_task("seconds", total=None, name="", visible=False)
-
-        def on_progress(path: Path, done: float, total: float) -> None:
-            progress.update(seconds, completed=int(done), total=max(int(total + 0.999), 1), name=path.name, visible=True)
-
-        def on_file(path: Path) -> None:
-            progress.update(files, advance=1, name=path.name)
-            progress.update(seconds, visible=False, completed=0)
-
-        return separator.separate_files(jobs, out, residual=residual, overwrite=overwrite, on_file=on_file, on_progress=on_progress)
+    with FileProgress(len({item.path for item, _ in jobs}), err_console) as progress:
+        return separator.separate_files(
+            jobs, out, residual=residual, overwrite=overwrite,
+            on_file=lambda path: progress.file_done(path.name),
+            on_progress=lambda path, done, total: progress.within(path.name, done, total),
+        )
 
 
 def register(app: typer.Typer) -> None:
