@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import marsctl
@@ -48,3 +49,22 @@ def test_cli_prints_one_line_and_still_separates(tmp_path):
 
     result = CliRunner().invoke(app, ["separate", str(example), "-q", "violin", "-o", str(tmp_path / "out2"), "--device", "cpu"])
     assert result.exit_code == 0 and "far from every class" not in result.output
+
+
+def test_text_vectors_do_not_depend_on_the_batch_and_survive_releasing_the_text_model():
+    from marsctl.errors import MarsctlError
+    from marsctl.separate import Query
+
+    fresh = marsctl.Separator.from_pretrained("default", device="cpu")
+    alone = fresh.encoder.embed_text(["violin"])[0]
+    other = marsctl.Separator.from_pretrained("default", device="cpu")
+    in_batch = other.encoder.embed_text(["a much longer query about a dog barking", "violin"])[1]
+    assert torch.equal(alone, in_batch)  # each text embedded on its own: no padding effects
+
+    query = Query(texts=("violin",), negative=("drums",))
+    before = fresh.embed(query)
+    fresh.prepare([query], release_text_model=True)
+    assert fresh.encoder.text_trunk.model is None
+    assert torch.equal(fresh.embed(query), before)  # cached texts still embed, identically
+    with pytest.raises(MarsctlError, match="text model was released.*'cello'"):
+        fresh.embed(Query(texts=("cello",)))

@@ -72,6 +72,7 @@ def separate(
             console.print(f"using the default model shipped with marsctl ({separator.directory}); pass --model to use yours", highlight=False)
         for note in separator.out_of_vocabulary([text for _, q in jobs for text in q.texts]):
             err_console.print(f"[yellow]note:[/] {note.message()}", highlight=False, soft_wrap=True)
+        separator.prepare([q for _, q in jobs], release_text_model=True)  # every query is known: free the text model
         report = _run_with_progress(separator, jobs, out, residual, overwrite)
 
     console.print(f"wrote {len(report.written)} file(s) under {out}", highlight=False)

@@ -49,6 +49,11 @@ class QueryEncoder(nn.Module, abc.ABC):
     def embed_image(self, images: torch.Tensor) -> torch.Tensor:
         """RGB images ``[N, 3, H, W]``, float in [0, 1] -> ``[N, D]`` unit vectors."""
 
+    def release_text_model(self) -> None:
+        """Free the text model's memory once every text query has been embedded (those stay
+        cached); later uncached texts are an error. Optional: encoders without a separable text
+        model keep it (the default does nothing). ``marsctl separate`` calls it to keep memory low."""
+
     @property
     def device(self) -> torch.device:
         for tensor in list(self.parameters()) + list(self.buffers()):

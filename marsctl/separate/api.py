@@ -124,6 +124,17 @@ class Separator:
         """The text queries far, in the encoder's space, from every class the model was trained on."""
         return out_of_vocabulary(self.encoder, self.known_labels, list(texts))
 
+    def prepare(self, queries: Sequence[Query], release_text_model: bool = False) -> None:
+        """Embed the texts (and negative texts) of every query now; with ``release_text_model`` free
+        the encoder's text model afterwards (about 100 MiB for the built-in one), after which only
+        these texts can be embedded. ``marsctl separate`` does this, which keeps a one-hour file
+        under 1 GB of memory. Audio and image queries are read when their files are separated."""
+        with torch.no_grad():
+            for texts in dict.fromkeys(group for query in queries for group in (query.texts, query.negative) if group):
+                self.encoder.embed_text(list(texts))
+        if release_text_model:
+            self.encoder.release_text_model()
+
     def embed(self, query: Query) -> torch.Tensor:
         """The fused query vector ``[D]`` the separator is conditioned on."""
         return embed_query(self.encoder, query, self.sample_rate)

@@ -75,6 +75,9 @@ class BuiltinEncoder(ProjectedEncoder):
     def text_features(self, texts: Sequence[str]) -> torch.Tensor:
         return self.text_trunk(texts)
 
+    def release_text_model(self) -> None:
+        self.text_trunk.release()
+
     def audio_features(self, waveforms: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
         # the log-mel CNN is differentiable end to end (torchaudio resampling and mel
         # spectrogram, GroupNorm: no batch statistics, the same in train and eval mode);

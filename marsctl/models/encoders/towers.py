@@ -14,7 +14,9 @@ so that an example's features never depend on the rest of its batch.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import gc
 from pathlib import Path
 from typing import Sequence
 
@@ -203,16 +205,28 @@ class SentenceTextTrunk(nn.Module):
 
     @torch.no_grad()
     def forward(self, texts: Sequence[str]) -> torch.Tensor:
+        """``[N, output_dim]``. Each new text is embedded on its own (no padding), so a text's
+        vector does not depend on which other texts came in the same call."""
         missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
-        if missing:
-            device = next(self.model.parameters()).device
-            tokens = self.tokenizer(
-                missing, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-            ).to(device)
+        if missing and self.model is None:
+            raise MarsctlError(f"the text model was released after the queries were embedded; {missing[0]!r} was not among them")
+        for text in missing:
+            tokens = self.tokenizer([text], truncation=True, max_length=self.max_length, return_tensors="pt").to(self._device)
             hidden = self.model(**tokens).last_hidden_state
             mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1)
-            for text, vector in zip(missing, pooled.cpu()):
-                self._cache[text] = vector
-        device = next(self.model.parameters()).device
-        return torch.stack([self._cache[t] for t in texts]).to(device)
+            self._cache[text] = F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1)[0].cpu()
+        return torch.stack([self._cache[t] for t in texts]).to(self._device)
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device if self.model is not None else torch.device("cpu")
+
+    def release(self) -> None:
+        """Drop the model and tokenizer (the cached embeddings stay) and give the memory back."""
+        self.model = None
+        self.tokenizer = None
+        gc.collect()
+        try:  # glibc keeps freed heap pages unless asked; elsewhere this is a no-op
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
