@@ -82,14 +82,20 @@ def _read_soundfile(path: Path) -> tuple[np.ndarray, int]:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         raise AudioError(path, f"not a readable audio file ({_first_line(exc)})") from exc
-    if info.frames > 0 and data.shape[0] < info.frames:
-        raise AudioError(path, f"truncated: header declares {info.frames} frames, {data.shape[0]} readable")
+    check_not_truncated(path, info, data.shape[0])
+    return data.mean(axis=1), int(sr)
+
+
+def check_not_truncated(path: Path, info, frames_read: int) -> None:
+    """Raise :class:`AudioError` when fewer frames were read than the header (``sf.info``) or a
+    WAV ``data`` chunk declares: libsndfile reads a cut-short file silently."""
+    if info.frames > 0 and frames_read < info.frames:
+        raise AudioError(path, f"truncated: header declares {info.frames} frames, {frames_read} readable")
     declared = _wav_declared_data_bytes(path)
     if declared is not None:
         frame_bytes = info.channels * _wav_sample_bytes(info.subtype)
-        if frame_bytes and declared // frame_bytes > data.shape[0] + 1:
-            raise AudioError(path, f"truncated: header declares {declared // frame_bytes} frames, file holds {data.shape[0]}")
-    return data.mean(axis=1), int(sr)
+        if frame_bytes and declared // frame_bytes > frames_read + 1:
+            raise AudioError(path, f"truncated: header declares {declared // frame_bytes} frames, file holds {frames_read}")
 
 
 def _wav_sample_bytes(subtype: str) -> int:

@@ -25,7 +25,7 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from marsctl.audio.io import SOUNDFILE_SUFFIXES, _first_line, _wav_declared_data_bytes, _wav_sample_bytes, check_readable, probe_audio
+from marsctl.audio.io import SOUNDFILE_SUFFIXES, _first_line, check_not_truncated, check_readable, probe_audio
 from marsctl.audio.resample import _RESAMPLE_KW
 from marsctl.errors import AudioError
 
@@ -150,13 +150,7 @@ def _soundfile_blocks(path: Path, info, block_frames: int) -> Iterator[np.ndarra
                 yield data.mean(axis=1)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         raise AudioError(path, f"not a readable audio file ({_first_line(exc)})") from exc
-    if info.frames > 0 and read < info.frames:
-        raise AudioError(path, f"truncated: header declares {info.frames} frames, {read} readable")
-    declared = _wav_declared_data_bytes(path)
-    if declared is not None:
-        frame_bytes = info.channels * _wav_sample_bytes(info.subtype)
-        if frame_bytes and declared // frame_bytes > read + 1:
-            raise AudioError(path, f"truncated: header declares {declared // frame_bytes} frames, file holds {read}")
+    check_not_truncated(path, info, read)
 
 
 def _ffmpeg_blocks(path: Path, block_frames: int) -> Iterator[np.ndarray]:

@@ -52,7 +52,7 @@ from marsctl.data.paths import label_dirname, safe_id
 from marsctl.data.recipe import DataRecipe
 from marsctl.data.records import ClipRecord, SkippedRow, WorkUnit, fingerprint
 from marsctl.errors import AudioError, ConfigError
-from marsctl.files import atomic_path, write_json_atomic
+from marsctl.files import atomic_path, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -194,10 +194,6 @@ class GroupPlan:
     takes: tuple[Take, ...]
 
 
-def _content_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def match_rules(packages: dict[str, PackageInfo], rules: tuple[Rule, ...]) -> tuple[list[GroupPlan], list[Rule]]:
     """The recording groups (takes sorted, duplicate contents dropped) and the rules that matched nothing.
 
@@ -222,7 +218,7 @@ def match_rules(packages: dict[str, PackageInfo], rules: tuple[Rule, ...]) -> tu
                     raise ConfigError(f"debian: {name}:{rel} matches two rules (groups {owner[name, rel].group} and {rule.group})")
                 owner[name, rel] = rule
                 matched.add(index)
-                take = Take(name, info.version, rel, str(path), _content_hash(path))
+                take = Take(name, info.version, rel, str(path), sha256_file(path))
                 if take.sha256 in split_of_content:
                     split, first = split_of_content[take.sha256]
                     if split != rule.split:

@@ -12,7 +12,6 @@ A package that cannot be had (no such package, no network, a corrupt ``.deb``) r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from marsctl.data.paths import safe_id
-from marsctl.files import write_json_atomic
+from marsctl.files import sha256_file, write_json_atomic
 
 MARKER = ".complete"
 
@@ -68,14 +67,6 @@ def _run(args: list[str], cwd: Path | None = None) -> str:
         errors = [line for line in lines if line.startswith(("E:", "dpkg-deb: error", "dpkg-deb:"))] or lines
         raise PackageUnavailable(f"{' '.join(args[:2])} failed (exit {exc.returncode}): {(errors or ['no output'])[-1].strip()}") from None
     return done.stdout
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def find_deb(package: str, folders: list[Path]) -> Path | None:
@@ -130,7 +121,7 @@ def obtain_package(package: str, cache: Path, debs: Path | None = None, download
             return PackageInfo(package, version, deb, saved["sha256"], root)
     except (OSError, ValueError):
         pass
-    digest = sha256_of(deb)
+    digest = sha256_file(deb)
     staging = Path(tempfile.mkdtemp(prefix=f".{package}-unpack-", dir=cache))
     try:
         _run(["dpkg-deb", "-x", str(deb), str(staging)])

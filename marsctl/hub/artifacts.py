@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping
 from huggingface_hub.utils import filter_repo_objects
 
 from marsctl.errors import MarsctlError
-from marsctl.files import write_json_atomic
+from marsctl.files import sha256_file, write_json_atomic
 from marsctl.hub.secrets import redact_secrets
 
 #: Where a stage records how an artifact was made (see :func:`write_provenance`).
@@ -112,14 +112,6 @@ def list_artifact_files(root: Path, *, include_checkpoints: bool = False) -> lis
         for name in filenames:
             found.append((Path(dirpath) / name).relative_to(root).as_posix())
     return sorted(filter_repo_objects(found, ignore_patterns=ignore_patterns(include_checkpoints=include_checkpoints)))
-
-
-def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def files_fingerprint(root: Path, files: Iterable[str] | None = None, *, progress: bool = True) -> str:

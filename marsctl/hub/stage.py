@@ -90,7 +90,7 @@ def input_fingerprint(value: str | os.PathLike[str] | bytes | None) -> str | Non
             return "stage:" + provenance["stage_hash"]
         return "files:" + files_fingerprint(path)
     if path.is_file():
-        from marsctl.hub.artifacts import sha256_file
+        from marsctl.files import sha256_file
 
         return "file:sha256:" + sha256_file(path)
     raise MarsctlError(f"{path}: stage input not found (pass a resolved local path)")

@@ -14,6 +14,7 @@ path (folders, mapping files, outputs on disk), :meth:`Separator.separate` the i
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -25,7 +26,7 @@ from marsctl.audio import StreamingResampler, open_audio_stream
 from marsctl.errors import ConfigError, MarsctlError
 from marsctl.models.encoder_base import QueryEncoder
 from marsctl.models.separator import LoadedSeparator, load_separator
-from marsctl.separate.apply import SeparateOptions, apply_separator
+from marsctl.separate.apply import SeparateOptions, separate_waveform
 from marsctl.separate.inputs import InputFile
 from marsctl.separate.outputs import ProgressCallback, SeparationReport, check_output_folder, separate_jobs
 from marsctl.separate.queries import DEFAULT_NEGATIVE_STRENGTH, Query, VocabularyNote, embed_query, out_of_vocabulary
@@ -127,8 +128,9 @@ class Separator:
     def prepare(self, queries: Sequence[Query], release_text_model: bool = False) -> None:
         """Embed the texts (and negative texts) of every query now; with ``release_text_model`` free
         the encoder's text model afterwards (about 100 MiB for the built-in one), after which only
-        these texts can be embedded. ``marsctl separate`` does this, which keeps a one-hour file
-        under 1 GB of memory. Audio and image queries are read when their files are separated."""
+        these texts can be embedded. ``marsctl separate`` does this to lower its peak memory (about
+        1 GiB for a one-hour file, BENCHMARKS.md section 6). Audio and image queries are read when
+        their files are separated."""
         with torch.no_grad():
             for texts in dict.fromkeys(group for query in queries for group in (query.texts, query.negative) if group):
                 self.encoder.embed_text(list(texts))
@@ -168,12 +170,7 @@ class Separator:
                          sample_rate: int | None = None) -> torch.Tensor:
         """Several :class:`Query` objects on one mixture in one U-Net pass: ``[K, T']`` at :attr:`sample_rate`."""
         vectors = torch.stack([self.embed(q) for q in queries])
-        blocks = apply_separator(
-            self.loaded.model, self._mixture_blocks(mixture, sample_rate), vectors, decode=self.options.decode,
-            chunk_samples=self.options.chunk_samples, overlap=self.options.overlap, batch_size=self.options.batch_size,
-            seed=self.options.seed, encoder=self.encoder,
-        )
-        return torch.cat(list(blocks), dim=-1)
+        return separate_waveform(self.loaded.model, self._mixture_blocks(mixture, sample_rate), vectors, self.options, encoder=self.encoder)
 
     def _mixture_blocks(self, mixture, sample_rate: int | None) -> Iterable[torch.Tensor]:
         if isinstance(mixture, (str, os.PathLike)):
@@ -200,8 +197,6 @@ class Separator:
     ) -> SeparationReport:
         """Separate (file, query) jobs into ``out_dir`` (see :mod:`marsctl.separate.outputs`): streamed,
         confined to ``out_dir``, existing outputs kept unless ``overwrite``. Failures are in the report."""
-        options = SeparateOptions(out_dir=Path(out_dir), residual=residual, overwrite=overwrite, decode=self.options.decode,
-                                  overlap=self.options.overlap, batch_size=self.options.batch_size,
-                                  chunk_samples=self.options.chunk_samples, seed=self.options.seed)
+        options = dataclasses.replace(self.options, out_dir=Path(out_dir), residual=residual, overwrite=overwrite)
         check_output_folder(options.out_dir)
         return separate_jobs(self.loaded, self.encoder, jobs, options, on_file=on_file, on_progress=on_progress)

@@ -110,13 +110,21 @@ def apply_separator(
 
 
 def separate_waveform(
-    model: SeparatorModel, waveform: torch.Tensor, queries: torch.Tensor, options: SeparateOptions, seed: int | None = None,
-    encoder: QueryEncoder | None = None,
+    model: SeparatorModel, waveform: torch.Tensor | Iterable[torch.Tensor], queries: torch.Tensor, options: SeparateOptions,
+    seed: int | None = None, encoder: QueryEncoder | None = None,
 ) -> torch.Tensor:
-    """One mono waveform ``[T]`` and ``K`` query vectors ``[K, D]`` -> ``[K, T]`` estimates
-    (:func:`apply_separator` on a whole tensor, with the options of ``options``)."""
-    blocks = apply_separator(
-        model, waveform, queries, decode=options.decode, chunk_samples=options.chunk_samples, overlap=options.overlap,
+    """One mono waveform ``[T]`` (or its consecutive blocks) and ``K`` query vectors ``[K, D]`` ->
+    ``[K, T]`` estimates: :func:`apply_separator` with the options of ``options``, joined."""
+    return torch.cat(list(apply_with_options(model, waveform, queries, options, seed, encoder)), dim=-1)
+
+
+def apply_with_options(
+    model: SeparatorModel, mixture: torch.Tensor | Iterable[torch.Tensor], queries: torch.Tensor, options: SeparateOptions,
+    seed: int | None = None, encoder: QueryEncoder | None = None,
+) -> Iterator[torch.Tensor]:
+    """:func:`apply_separator` with the decode, chunk, overlap, batch and seed of ``options``
+    (``seed`` overrides ``options.seed``); yields the estimate blocks."""
+    return apply_separator(
+        model, mixture, queries, decode=options.decode, chunk_samples=options.chunk_samples, overlap=options.overlap,
         batch_size=options.batch_size, seed=options.seed if seed is None else seed, encoder=encoder,
     )
-    return torch.cat(list(blocks), dim=-1)

@@ -32,7 +32,7 @@ from marsctl.errors import AudioError, MarsctlError
 from marsctl.files import atomic_path
 from marsctl.models.encoder_base import QueryEncoder
 from marsctl.models.separator import LoadedSeparator
-from marsctl.separate.apply import SeparateOptions, apply_separator
+from marsctl.separate.apply import SeparateOptions, apply_with_options
 from marsctl.separate.inputs import InputFile
 from marsctl.separate.queries import Query, embed_query
 
@@ -162,10 +162,7 @@ def _separate_file(
                 progress(done / sample_rate, max(stream.duration, done / sample_rate))
 
     queries = torch.stack([embeddings[o.query] for o in todo])
-    estimates = apply_separator(
-        model.model, blocks(), queries, decode=options.decode, chunk_samples=options.chunk_samples, overlap=options.overlap,
-        batch_size=options.batch_size, seed=seed, encoder=encoder,
-    )
+    estimates = apply_with_options(model.model, blocks(), queries, options, seed, encoder)
     finals = [p for o in todo for p in (o.target, o.residual) if p is not None]
     with contextlib.ExitStack() as stack:
         temporary = {final: stack.enter_context(atomic_path(final)) for final in finals}
