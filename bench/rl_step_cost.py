@@ -5,20 +5,33 @@ Both steps see the same batch of B mixtures and the same separator size:
 * supervised step (``marsctl train sup``'s loop body): STFT of the mixture and its S
   sources, one U-Net forward pass shared by the S source queries, OmniSep's weighted BCE,
   backward, gradient clipping, AdamW;
-* RL step (:func:`marsctl.rl.update.rl_update`, the loop body of ``marsctl train rl``):
-  one forward pass per mixture (one target query each), the frozen reference's forward
-  pass, G masks sampled from that pass, G*B inverse STFTs, all G*B estimates through the
-  reward encoder in one batch, the rewards, the policy loss, backward, clipping, AdamW.
+* RL step (:func:`marsctl.rl.update.rl_update`, the loop body of ``marsctl train rl`` on a
+  step that is not logged): one STFT analysis of the mixtures shared by the two forward
+  passes, one forward pass per mixture (one target query each), the frozen reference's
+  forward pass, G masks sampled from that pass, G*B inverse STFTs, all G*B estimates through
+  the reward encoder in one batch, the rewards, the policy loss, backward, clipping, AdamW.
+  (Logged steps of the score-function estimator add one forward pass for the diagnostics.)
 
 The two kinds of step are interleaved (sup, rl, sup, rl, ...) after a warm-up so that both
 see the same machine load, and the ratio of medians is reported with the reward
 encoder's share of the RL step. The paper reports 2x for an RL epoch; the issue's target
-is <= 1.3x.
+is <= 1.3x. ``--phases`` adds the median seconds of each phase of the RL step (analysis,
+reference_forward, policy_forward, sample, synthesize, reward, loss, backward_step for the
+pathwise estimator).
 
     OMP_NUM_THREADS=1 python bench/rl_step_cost.py                       # paper-size separator, builtin encoder
     python bench/rl_step_cost.py --device cuda --batch-size 16 --json out.json
     python bench/rl_step_cost.py --small --segment-samples 32767         # the soundfont-small separator
     python bench/rl_step_cost.py --small --segment-samples 32767 --recipe recipes/train/rl-soundfont-small.yaml
+
+``--baseline-update FILE`` also times the RL step of another version of ``marsctl/rl/update.py``
+(``git show REV:marsctl/rl/update.py > FILE``; it imports the current package's other modules),
+interleaved with the two others (sup, RL, baseline, sup, baseline, RL, ...) on its own copy of the separator,
+so that a speed-up is measured under the same machine load:
+
+    git show 185ce55:marsctl/rl/update.py > /tmp/update_before.py
+    python bench/rl_step_cost.py --small --segment-samples 32767 --batch-size 4 --group-size 2 \
+        --recipe recipes/train/rl-soundfont-small.yaml --baseline-update /tmp/update_before.py
 
 ``--recipe`` takes the RL settings that change the step's work (estimator, reward weights, KL and
 entropy coefficients) from an RL recipe; batch, group and epochs stay the options here.
@@ -31,9 +44,13 @@ depend on whether it was aligned); pass ``--encoder DIR`` for an aligned encoder
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import inspect
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -68,6 +85,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed pairs of steps")
     parser.add_argument("--recipe", help="RL recipe whose estimator, rewards and loss coefficients the RL step uses")
     parser.add_argument("--phases", action="store_true", help="also time each phase of the RL step (synchronizes between phases)")
+    parser.add_argument("--baseline-update", metavar="FILE", help="another marsctl/rl/update.py whose RL step is timed too, interleaved")
     parser.add_argument("--json", help="write the numbers here too")
     args = parser.parse_args()
 
@@ -103,6 +121,22 @@ def main() -> None:
     rl_optimizer = torch.optim.AdamW(rl_model.parameters(), lr=2e-4, weight_decay=0.01)
     sup_model.train()
     rl_model.eval()
+    baseline = _load_update(args.baseline_update) if args.baseline_update else None
+    if baseline is not None:
+        base_model = Separator(sep_config).to(device).eval()
+        base_model.load_state_dict(rl_model.state_dict())
+        base_optimizer = torch.optim.AdamW(base_model.parameters(), lr=2e-4, weight_decay=0.01)
+        base_options = {"diagnostics": False} if "diagnostics" in inspect.signature(baseline.rl_update).parameters else {}
+
+        def baseline_step(step: int) -> float:
+            _sync(device)
+            start = time.perf_counter()
+            baseline.rl_update(
+                base_model, base_model, reference, reward_model, base_optimizer, rl_config, mixture, queries[:, 0], sources[:, 0],
+                [row[0] for row in labels], sample_seed=step, device=device, use_bf16=use_bf16, **base_options,
+            )
+            _sync(device)
+            return time.perf_counter() - start
 
     def supervised_step() -> float:
         _sync(device)
@@ -128,7 +162,7 @@ def main() -> None:
         start = time.perf_counter()
         update = rl_update(
             rl_model, rl_model, reference, reward_model, rl_optimizer, rl_config, mixture, queries[:, 0], sources[:, 0],
-            [row[0] for row in labels], sample_seed=step, device=device, use_bf16=use_bf16, timer=timer,
+            [row[0] for row in labels], sample_seed=step, device=device, use_bf16=use_bf16, timer=timer, diagnostics=False,
         )
         _sync(device)
         phases.append(timer.seconds)
@@ -137,12 +171,18 @@ def main() -> None:
     for i in range(args.warmup):
         supervised_step()
         rl_step(i)
-    sup_times, rl_times, reward_times = [], [], []
+        if baseline is not None:
+            baseline_step(i)
+    sup_times, rl_times, reward_times, base_times = [], [], [], []
     for i in range(args.steps):
         sup_times.append(supervised_step())
+        if baseline is not None and i % 2:  # every other time the baseline first: no order effect
+            base_times.append(baseline_step(args.warmup + i))
         seconds, reward_seconds = rl_step(args.warmup + i)
         rl_times.append(seconds)
         reward_times.append(reward_seconds)
+        if baseline is not None and not i % 2:
+            base_times.append(baseline_step(args.warmup + i))
 
     sup_median, rl_median = statistics.median(sup_times), statistics.median(rl_times)
     result = {
@@ -164,16 +204,34 @@ def main() -> None:
         "ratio_rl_over_supervised": rl_median / sup_median,
         "reward_share_of_rl_step": statistics.median(r / t for r, t in zip(reward_times, rl_times)),
         **({"rl_phases_median_s": {k: statistics.median(p[k] for p in phases[args.warmup:]) for k in phases[-1]}} if args.phases else {}),
+        **({"baseline_update": args.baseline_update, "baseline_rl_step_s": statistics.median(base_times),
+            "baseline_ratio_rl_over_supervised": statistics.median(base_times) / sup_median,
+            "rl_step_over_baseline_rl_step": rl_median / statistics.median(base_times)} if baseline is not None else {}),
         "supervised_steps_s": sup_times,
         "rl_steps_s": rl_times,
+        **({"baseline_rl_steps_s": base_times} if baseline is not None else {}),
     }
     print(json.dumps({k: v for k, v in result.items() if not k.endswith("steps_s")}, indent=2))
     verdict = "within" if result["ratio_rl_over_supervised"] <= 1.3 else "ABOVE"
     print(f"RL step / supervised step = {result['ratio_rl_over_supervised']:.2f}x ({verdict} the 1.3x target)")
+    if baseline is not None:
+        print(f"baseline RL step / supervised step = {result['baseline_ratio_rl_over_supervised']:.2f}x; "
+              f"RL step / baseline RL step = {result['rl_step_over_baseline_rl_step']:.3f}")
     if args.json:
         from marsctl.files import write_json_atomic
 
         write_json_atomic(args.json, result)
+
+
+def _load_update(path: str):
+    """``path`` (a version of marsctl/rl/update.py) as a module of its own."""
+    spec = importlib.util.spec_from_file_location("baseline_update", path)
+    if not os.path.isfile(path) or spec is None or spec.loader is None:
+        raise SystemExit(f"--baseline-update {path}: no such Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 if __name__ == "__main__":

@@ -296,3 +296,22 @@ def test_losses_match_their_definitions():
     same = anchor_loss(x, x, y, y, labels, scale)
     swapped = anchor_loss(x, y, x, y, labels, scale)
     assert float(same) < float(swapped)
+
+
+def test_freeze_text_keeps_the_text_space_and_aligns_audio_into_it(tiny_encoder, dataset, tmp_path):
+    """freeze_text: text embeddings stay the starting encoder's (a separator trained on them keeps its
+    queries), while the audio tower learns to retrieve them."""
+    recipe = write_recipe(tmp_path / "r.yaml", steps=30, freeze_text=True)
+    config = load_align_config(recipe, {"encoder": str(tiny_encoder), "stages": [1]})
+    summary = run_alignment(config, dataset, tmp_path / "run", reporter=Reporter(log=lambda line: None))
+    start, aligned = load_encoder(tiny_encoder), load_encoder(tmp_path / "run" / "encoder")
+    with torch.no_grad():
+        assert torch.allclose(start.embed_text(list(LABELS)), aligned.embed_text(list(LABELS)), atol=1e-6)
+    report = summary["stages"]["1"]["report"]
+    assert report["text_to_audio_R@1"] >= report["chance_R@1"] + 0.3
+    assert report["text_to_audio_R@1"] > summary["initial"]["text_to_audio_R@1"]
+    # without it the text projection moves
+    free = load_align_config(write_recipe(tmp_path / "f.yaml", steps=10), {"encoder": str(tiny_encoder), "stages": [1]})
+    run_alignment(free, dataset, tmp_path / "free", reporter=Reporter(log=lambda line: None))
+    with torch.no_grad():
+        assert not torch.allclose(start.embed_text(list(LABELS)), load_encoder(tmp_path / "free" / "encoder").embed_text(list(LABELS)), atol=1e-4)

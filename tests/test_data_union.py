@@ -111,6 +111,16 @@ def test_fixed_mixtures_pair_within_and_across_families_and_record_it(union_dir)
         assert all(clips[c]["split"] == "test" for c in row["source_clip_ids"])
     # the same recipe again gives the same mixtures (seeded)
     assert list(load_mixtures(union_dir, split="test")) == rows
+    # reports break scores down by these: every source of every test mixture, with its pair kind and family
+    from marsctl.data.union import source_groups
+
+    groups = source_groups(union_dir, "test")
+    assert len(groups) == 2 * len(rows)
+    for row in rows:
+        for label, clip_id in zip(row["source_labels"], row["source_clip_ids"]):
+            group = groups[(row["mixture_id"], label)]
+            assert group["pair_kind"] == mixture_pair_kind(row) and group["family"] == clips[clip_id]["family"]
+            assert group["soundfont"] == (clips[clip_id]["soundfont"] or "")
 
 
 def test_training_mixtures_follow_the_pairing_and_balance_classes(union_dir):

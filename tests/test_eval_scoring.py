@@ -24,7 +24,7 @@ from marsctl.cli.main import app
 from marsctl.eval import DB_FLOOR, evaluate_folders, score
 from marsctl.eval import model as model_eval
 from marsctl.eval.model import ClapScorer, score_mixture, summarize, write_evaluation
-from marsctl.eval.tables import summary_rich_table
+from marsctl.eval.tables import RICH_SCORE_METRICS, summary_rich_table
 from marsctl.metrics import bss_eval_sources, si_sdr
 from marsctl.progress import stage_progress, track
 
@@ -203,10 +203,15 @@ def test_help_and_tables_are_readable_at_80_columns():
     assert all(len(line) <= 80 for line in help_text.splitlines())
     entries = [
         {"system": system, "query_modality": "-", "label": "acoustic guitar", "n": 100,
-         **{f"{m}_{k}": v for m in ("sdr", "sir", "sar", "si_sdri", "clap_score") for k, v in (("mean", -12.345), ("se", 10.5), ("n", 100))}}
+         **{f"{m}_{k}": v for m in ("sdr", "sir", "sar", "si_sdri", "judge_score", "reward_encoder_score") for k, v in (("mean", -12.345), ("se", 10.5), ("n", 100))}}
         for system in ("mixture", "oracle-irm")
     ]
     buffer = io.StringIO()
     Console(file=buffer, width=80, force_terminal=False).print(summary_rich_table(entries))
     text = buffer.getvalue()
     assert "…" not in text and "oracle-" in text and "acoustic" in text and "-12.35" in text
+    assert "Judge" not in text  # the separation metrics; the text-audio scores are a second table
+    buffer = io.StringIO()
+    Console(file=buffer, width=80, force_terminal=False).print(summary_rich_table(entries, metrics=RICH_SCORE_METRICS))
+    scores = buffer.getvalue()
+    assert "…" not in scores and "Judge" in scores and "Reward" in scores and "-12.35" in scores and "SDR" not in scores

@@ -164,3 +164,8 @@ def test_default_model_separates_the_shipped_examples(tmp_path):
     assert not report.failures and len(report.rows) == 2 * len(examples)
     improvements = [row.si_sdri for row in report.rows]
     assert sum(improvements) / len(improvements) > DEFAULT_MODEL_MIN_SI_SDRI, improvements
+    # a real everyday-sound mixture (held-out recording groups) is among the examples, and it is separated
+    everyday = [e["file"].removesuffix(".flac") for e in examples if e.get("pair_kind") == "everyday"]
+    assert everyday, examples
+    everyday_rows = [row.si_sdri for row in report.rows if row.mixture in everyday]
+    assert len(everyday_rows) == 2 and sum(everyday_rows) / 2 > 0.0, everyday_rows

@@ -46,7 +46,9 @@ def test_evaluate_rows_references_and_report(trained, tmp_path):
     oracle = summary[("oracle-irm", "-")]
     assert model_text["si_sdri_mean"] > 2.0 and model_text["sdr_mean"] > mixture_sdr
     assert oracle["sdr_mean"] > model_text["sdr_mean"]
-    assert all(math.isfinite(r["clap_score"]) and -100 <= r["clap_score"] <= 100 for r in rows)
+    # the model's own encoder's text-audio score; no judge given, so no judge column
+    assert all(math.isfinite(r["reward_encoder_score"]) and -100 <= r["reward_encoder_score"] <= 100 for r in rows)
+    assert not any("judge_score" in r for r in rows)
     per_class = summarize(rows, by_label=True)
     assert {e["label"] for e in per_class} <= {"low hum", "high whistle", "noise hiss"}
     paths = write_evaluation(rows, tmp_path / "report", {"model": "m", "data": "d"})
@@ -65,7 +67,7 @@ def test_image_queries_and_datasets_without_frames(trained, tmp_path):
     model, encoder = load_model_and_encoder(trained / "model")
     rows = evaluate_separator(model, encoder, trained / "data", query_modalities=("image",), references=False, limit=2)
     assert {(r["system"], r["query_modality"]) for r in rows} == {("model", "image")}
-    assert len(rows) == 4 and all(math.isfinite(r["sdr"]) and math.isfinite(r["clap_score"]) for r in rows)
+    assert len(rows) == 4 and all(math.isfinite(r["sdr"]) and math.isfinite(r["reward_encoder_score"]) for r in rows)
     no_frames = make_tone_dataset(tmp_path / "plain", mixtures_per_split=1)
     with pytest.raises(MarsctlError, match="no image query .*no video frames"):
         evaluate_separator(model, encoder, no_frames, query_modalities=("image",), references=False)
@@ -82,6 +84,10 @@ def test_evaluate_model_on_dataset_writes_the_reports(trained, tmp_path):
     assert all(p.is_file() for p in paths.values())
     meta = json.loads(paths["model_summary_json"].read_text())["meta"]
     assert meta["encoder"] == "builtin" and meta["split"] == "test"
+    # no --judge: the report says so, and labels the own-encoder score as not independent
+    assert meta["judge"] is None and "no independent judge" in meta["judge_note"]
+    assert "No independent judge was given" in paths["model_summary_md"].read_text()
+    assert "not an independent measure" in paths["model_summary_md"].read_text()
 
 
 def test_eval_cli_with_model_and_data(trained, tmp_path):

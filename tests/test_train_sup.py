@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from marsctl.errors import ConfigError
+from marsctl.errors import ConfigError, MarsctlError
 from marsctl.models.separator import load_separator
 from marsctl.train.checkpoint import list_checkpoints
 from marsctl.train.data import StepBatchSampler
@@ -171,3 +172,27 @@ def test_query_mixup_over_text_audio_and_image(tmp_path):
     result = train_supervised(config, tmp_path / "run", encoder=LabelTestEncoder(), device="cpu", progress=False)
     val = [h["val_si_sdri"] for h in result.history if "val_si_sdri" in h]
     assert val[-1] > val[0] and val[-1] > 2.0, val
+
+
+def test_init_model_warm_start_and_mismatch(tone_data, tmp_path):
+    """init_model starts from a trained separator's weights (its first validation is already good);
+    a different architecture is one error naming both."""
+    first = small_config(str(tone_data), max_steps=30, val_every=30, checkpoint_every=30)
+    trained = train_supervised(first, tmp_path / "first", encoder=LabelTestEncoder(), device="cpu", progress=False)
+    start = load_file(str(tmp_path / "first" / "model.safetensors"))
+    # zero steps of training is not allowed, so compare the starting weights through a 1-step run at lr ~ 0
+    warm = small_config(str(tone_data), max_steps=1, val_every=1, checkpoint_every=1, warmup_steps=0, learning_rate=1e-12,
+                        init_model=str(tmp_path / "first"))
+    result = train_supervised(warm, tmp_path / "warm", encoder=LabelTestEncoder(), device="cpu", progress=False)
+    after = load_file(str(tmp_path / "warm" / "model.safetensors"))
+    weights = [k for k in start if "running_" not in k and "num_batches" not in k]  # BatchNorm statistics move in any forward
+    assert weights and all(torch.allclose(start[k], after[k], atol=1e-6) for k in weights)
+    assert result.best_si_sdri == pytest.approx(trained.best_si_sdri, abs=0.5)  # BatchNorm statistics move a little
+    cold = small_config(str(tone_data), max_steps=1, val_every=1, checkpoint_every=1, warmup_steps=0, learning_rate=1e-12)
+    cold_result = train_supervised(cold, tmp_path / "cold", encoder=LabelTestEncoder(), device="cpu", progress=False)
+    assert cold_result.best_si_sdri < trained.best_si_sdri - 1.0
+    assert "started from" in (tmp_path / "warm" / "README.md").read_text()
+    other = small_config(str(tone_data), max_steps=1, init_model=str(tmp_path / "first"),
+                         architecture=dataclasses.replace(first.architecture, base_channels=4))
+    with pytest.raises(MarsctlError, match=r"init_model .*first.*base_channels 8 != 4"):
+        train_supervised(other, tmp_path / "other", encoder=LabelTestEncoder(), device="cpu", progress=False)

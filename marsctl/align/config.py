@@ -97,6 +97,10 @@ class AlignConfig:
     hard_negative_neighbors: int = 3
     #: held-out clips kept decoded in memory; training clips are read per step with this many cached
     audio_cache_clips: int = 4096
+    #: keep the text projection as it is: audio (and image) are aligned into the text space that a
+    #: separator trained with the starting encoder already takes its queries from, so that separator
+    #: keeps its text queries and gains audio queries (and the reward speaks the same space)
+    freeze_text: bool = False
     stage1: AudioTextStageConfig = AudioTextStageConfig()
     stage2: AudioAudioStageConfig = AudioAudioStageConfig()
     stage3: AudioImageStageConfig = AudioImageStageConfig()

@@ -261,6 +261,8 @@ def run_alignment(
                 summary["initial"] = evaluate_alignment(encoder, report, DATA_SAMPLE_RATE, config.eval.batch_size, config.seed)
                 write_json_atomic(summary_path, summary)
             encoder.unfreeze_trainable()
+            if config.freeze_text:
+                encoder.text_head.requires_grad_(False)  # text embeddings stay the starting encoder's
             if stage == 3 and "image" not in encoder.anchor_fusion.modalities:
                 encoder.anchor_fusion.modalities = encoder.anchor_fusion.modalities + ("image",)
             result = _run_stage(stage, encoder, pool, image_pool, select, report, config, stage_dir, reporter)

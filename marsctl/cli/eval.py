@@ -25,9 +25,11 @@ Writes report.json, scores.csv (one row per source), summary.csv and summary.md 
 
 Example: marsctl eval -e sep/ -r refs/ -o report/
 
-A separator: --model M --data D separates the fixed test mixtures of D, each source with its own query (--query-modality text, audio, image or omni), and scores it beside the unprocessed mixture and the ideal-ratio-mask oracle, plus the CLAP score. It writes the same files plus model_summary.md and model_summary.json, per system, query modality and class; never one mean across systems.
+A separator: --model M --data D separates the fixed test mixtures of D, each source with its own query (--query-modality text, audio, image or omni), and scores it beside the unprocessed mixture and the ideal-ratio-mask oracle. It writes the same files plus model_summary.md and model_summary.json, per system, query modality and class; never one mean across systems.
 
-Example: marsctl eval -m runs/sup -d data/soundfont -o report/
+Text-audio scores (100 x cosine of the label's text and the estimate's audio embedding): "Reward enc." (reward_encoder_score) uses the model's own query encoder, the one RL optimises, so it is not independent; --judge SPEC adds "Judge" (judge_score) from another encoder (an aligned encoder folder, builtin, laion-clap:630k-audioset or a Hub id). A judge with the same weights as the model's encoder is refused.
+
+Example: marsctl eval -m runs/rl -d data/sf --judge laion-clap:630k-audioset
 """.format(floor=DB_FLOOR_IN_HELP)
 
 
@@ -45,7 +47,8 @@ def eval_command(
     query_modality: Optional[List[str]] = typer.Option(None, "--query-modality", metavar="MODALITY", help="text (default), audio (another clip of the class), image (the source's video frame) or omni; repeat for several."),
     split: str = typer.Option("test", "--split", metavar="SPLIT", help="With --data: which split's fixed mixtures."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, metavar="N", help="With --data: only the first N mixtures."),
-    clap_encoder: Optional[str] = typer.Option(None, "--clap-encoder", metavar="SPEC", help="With --data: encoder for the CLAP score (default: the model's query encoder), e.g. laion-clap:630k-audioset."),
+    judge: Optional[str] = typer.Option(None, "--judge", metavar="SPEC", help="With --data: an independent encoder for the judge score (not the model's own), e.g. laion-clap:630k-audioset or an aligned encoder folder."),
+    clap_encoder: Optional[str] = typer.Option(None, "--clap-encoder", metavar="SPEC", hidden=True, help="Former name of --judge."),
     device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="With --data: cuda or cpu."),
     push_to: Optional[str] = PUSH_TO_OPTION,
     reuse: bool = REUSE_OPTION,
@@ -55,11 +58,18 @@ def eval_command(
             for name, value in (("--estimates", estimates), ("--references", references), ("--mixtures", mixtures)):
                 if value is not None:
                     raise MarsctlError(f"{name} scores folders; it cannot be combined with --model/--data")
-            _eval_model(model, data, query_modality or ["text"], split, limit, clap_encoder, device, out, json_output,
+            if clap_encoder is not None:
+                if judge is not None:
+                    raise MarsctlError("--clap-encoder is the former name of --judge; give only --judge")
+                err_console.print("[yellow]note:[/] --clap-encoder is now --judge (an independent judge encoder)", highlight=False)
+                judge = clap_encoder
+            _eval_model(model, data, query_modality or ["text"], split, limit, judge, device, out, json_output,
                         push_to=push_to, reuse=reuse)
             return
         if push_to or reuse:
             raise typer.BadParameter("--push-to and --reuse apply to --model/--data evaluations")
+        if judge is not None or clap_encoder is not None:
+            raise typer.BadParameter("--judge applies to --model/--data evaluations")
         if estimates is None or references is None:
             raise typer.BadParameter("give --estimates and --references (folders), or --model and --data")
         from marsctl.eval import evaluate_folders, write_report
@@ -92,10 +102,10 @@ def eval_command(
             raise typer.Exit(1)
 
 
-def _eval_model(model, data, modalities, split, limit, clap_encoder, device, out, json_output, *, push_to=None, reuse=False) -> None:
+def _eval_model(model, data, modalities, split, limit, judge, device, out, json_output, *, push_to=None, reuse=False) -> None:
     """``--model M --data D``: marsctl.eval.model separates and scores; this prints."""
     from marsctl.eval.model import count_test_mixtures, evaluate_model_on_dataset, summarize
-    from marsctl.eval.tables import summary_rich_table
+    from marsctl.eval.tables import RICH_SCORE_METRICS, summary_rich_table
     from marsctl.hub import optional_artifact, resolve_artifact, run_stage
 
     if data is None:
@@ -107,15 +117,15 @@ def _eval_model(model, data, modalities, split, limit, clap_encoder, device, out
         total = count_test_mixtures(inputs["data"], split, limit)
         with stage_progress("Separating and scoring mixtures", total, console=err_console) as advance:
             on_mixture = lambda mixture_id: advance()  # noqa: E731
-            produced["rows"], produced["paths"] = evaluate_model_on_dataset(model, data, out, modalities, split, limit, clap_encoder, device, on_mixture)
+            produced["rows"], produced["paths"] = evaluate_model_on_dataset(model, data, out, modalities, split, limit, judge, device, on_mixture)
         return summarize(produced["rows"])
 
     # --reuse / --push-to: the report is keyed by the model, the data and the evaluation settings
     inputs = {"model": optional_artifact(model, "model"), "data": resolve_artifact(data, "dataset"),
-              "clap_encoder": optional_artifact(clap_encoder, "model")}
+              "judge": optional_artifact(judge, "model")}
     settings = {"modalities": sorted(modalities), "split": split, "limit": limit,
                 "model": None if inputs["model"] else (model or "default"),
-                "clap_encoder": None if inputs["clap_encoder"] else clap_encoder}
+                "judge": None if inputs["judge"] else judge}
     outcome = run_stage("eval", settings, inputs, out, _evaluate, kind="eval-report", reuse=reuse, push_to=push_to)
     if outcome.reused:
         console.print(f"reused the evaluation report made with the same model, data and settings: {outcome.path}", highlight=False)
@@ -124,9 +134,17 @@ def _eval_model(model, data, modalities, split, limit, clap_encoder, device, out
         err_console.print(f"pushed to the Hub: {outcome.pushed.spec}", highlight=False)
     rows, paths = produced["rows"], produced["paths"]
     if json_output:
-        print(json.dumps({"summary": summarize(rows), "outputs": {k: str(p) for k, p in paths.items()}}, indent=2))
+        print(json.dumps({"summary": summarize(rows), "judge": judge, "outputs": {k: str(p) for k, p in paths.items()}}, indent=2))
     else:
-        console.print(summary_rich_table(summarize(rows), title=f"{len(rows)} scored sources (mixture, model, ideal-ratio-mask oracle)"))
+        entries = summarize(rows)
+        console.print(summary_rich_table(entries, title=f"{len(rows)} scored sources (mixture, model, ideal-ratio-mask oracle)"))
+        console.print(summary_rich_table(entries, title="Text-audio scores (100 x cosine)", metrics=RICH_SCORE_METRICS))
+        if judge:
+            console.print(f"Judge: {judge}, independent of the model. Reward enc.: the model's own encoder, which RL "
+                          "optimises, so it is not independent.", highlight=False)
+        else:
+            err_console.print("[yellow]note:[/] no independent judge given (--judge SPEC): 'Reward enc.' is the model's own "
+                              "encoder's score, which RL optimises, so it is not independent", highlight=False)
         console.print(f"Wrote {', '.join(p.name for p in paths.values())} to {out}")
 
 

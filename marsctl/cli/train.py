@@ -39,17 +39,19 @@ def sup(
     batch_size: Optional[int] = BATCH_SIZE_OPTION,
     learning_rate: Optional[float] = typer.Option(None, "--lr", metavar="X", help="Peak AdamW learning rate (after warmup)."),
     seed: Optional[int] = typer.Option(None, "--seed", metavar="N", help="Seed for mixing, query weights and initialisation."),
+    init_model: Optional[str] = typer.Option(None, "--init-model", metavar="MODEL", help="Warm start from this separator's weights: 'default' (shipped), a 'train sup' run directory or a Hub id; the architecture must match the recipe's."),
     **launch_options: Any,
 ) -> None:
     from marsctl.train.supervised import load_supervised_config, train_supervised
 
     options = {"data": data, "encoder": encoder, "max_steps": max_steps, "batch_size": batch_size, "learning_rate": learning_rate,
-               "seed": seed}
+               "seed": seed, "init_model": init_model}
     flags = {"data": "--data", "encoder": "--encoder", "max_steps": "--max-steps", "batch_size": "--batch-size",
-             "learning_rate": "--lr", "seed": "--seed"}
+             "learning_rate": "--lr", "seed": "--seed", "init_model": "--init-model"}
 
     def load(overrides: dict[str, Any]):
-        overrides = {**overrides, "data": resolve_spec(data, "dataset") if data else None}
+        overrides = {**overrides, "data": resolve_spec(data, "dataset") if data else None,
+                     "init_model": resolve_spec(init_model, "model") if init_model and init_model != "default" else init_model}
         config = load_supervised_config(recipe, overrides)
         if not config.data:
             raise typer.BadParameter("--data is required (or set 'data' in the recipe)")
@@ -68,9 +70,11 @@ def sup(
         from marsctl.hub import optional_artifact
 
         encoder_dir = optional_artifact(config.encoder, "model")
-        # paths and worker counts do not change the result; the data and encoder are fingerprinted as inputs
-        inputs = {"data": Path(config.data) if config.data else None, "encoder": encoder_dir}
-        return {**to_mapping(config), "data": None, "num_workers": None, "encoder": None if encoder_dir else config.encoder}, inputs
+        init_dir = optional_artifact(config.init_model, "model")
+        # paths and worker counts do not change the result; the data, encoder and starting weights are fingerprinted as inputs
+        inputs = {"data": Path(config.data) if config.data else None, "encoder": encoder_dir, "init_model": init_dir}
+        return {**to_mapping(config), "data": None, "num_workers": None, "encoder": None if encoder_dir else config.encoder,
+                "init_model": None if init_dir else config.init_model}, inputs
 
     with user_errors():
         _run(["train", "sup"], launch_options, out, recipe, options, flags, load, train, identity,
@@ -87,6 +91,10 @@ RL_HELP = (
     "Example: [bold]marsctl train rl --init-model runs/sup --reward-encoder runs/align/encoder --data data/soundfont --out runs/rl[/]\n\n"
     "On a CPU, from the packaged default model (about 4 minutes, +0.5 dB SI-SDRi on held-out mixtures): "
     "[bold]marsctl train rl --recipe recipes/train/rl-soundfont-small.yaml --data data/soundfont --out runs/rl[/]\n\n"
+    "On a plain folder of mixtures (no references): give --queries, a CSV of 'path,query' rows as for 'marsctl "
+    "separate --queries', and reward terms that need no reference (recipe rl-folder): "
+    "[bold]marsctl train rl --recipe rl-folder --init-model runs/sup --reward-encoder runs/align/encoder --data mixes/ "
+    "--queries mixes/queries.csv --out runs/rl-folder[/]\n\n"
     "Re-running the same command after an interruption resumes from the last checkpoint. The run directory is itself "
     "a model for 'marsctl separate --model' and 'marsctl eval --model'."
 )
@@ -96,7 +104,8 @@ RL_HELP = (
 @with_launch_options
 def rl(
     init_model: Optional[str] = typer.Option(None, "--init-model", metavar="MODEL", help="Starting separator: 'default' (shipped), a 'train sup' run directory or a Hub id; also the reference policy of the KL term."),
-    data: Optional[str] = DATA_OPTION,
+    data: Optional[str] = typer.Option(None, "--data", "-d", metavar="DIR", help="Dataset from 'marsctl data build' (or a Hub dataset id), or a plain folder of mixtures with --queries."),
+    queries: Optional[str] = typer.Option(None, "--queries", metavar="FILE", help="Per-file queries for a plain folder given as --data (CSV/TSV/JSON, as for 'marsctl separate --queries'): fine-tunes with reference-free reward terms only; validation logs the mean reward terms on held-out files (no SI-SDRi)."),
     out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help="Run directory: the fine-tuned model, checkpoints/, tensorboard/, metrics.jsonl."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", metavar="YAML", help="RL recipe (a YAML file like recipes/train/rl.yaml); the options below override it."),
     reward_encoder: Optional[str] = typer.Option(None, "--reward-encoder", metavar="SPEC", help="Frozen reward encoder: an aligned encoder directory from 'marsctl align' (default: the query encoder)."),
@@ -113,10 +122,10 @@ def rl(
 ) -> None:
     from marsctl.rl.trainer import load_rl_config, train_rl
 
-    options = {"init_model": init_model, "data": data, "reward_encoder": reward_encoder, "encoder": encoder, "group_size": group_size,
+    options = {"init_model": init_model, "data": data, "queries": queries, "reward_encoder": reward_encoder, "encoder": encoder, "group_size": group_size,
                "ppo_epochs": ppo_epochs, "max_steps": max_steps, "batch_size": batch_size, "learning_rate": learning_rate,
                "baseline": baseline, "estimator": estimator, "seed": seed}
-    flags = {"init_model": "--init-model", "data": "--data", "reward_encoder": "--reward-encoder", "encoder": "--encoder",
+    flags = {"init_model": "--init-model", "data": "--data", "queries": "--queries", "reward_encoder": "--reward-encoder", "encoder": "--encoder",
              "group_size": "--group-size", "ppo_epochs": "--ppo-epochs", "max_steps": "--max-steps", "batch_size": "--batch-size",
              "learning_rate": "--lr", "baseline": "--baseline", "estimator": "--estimator", "seed": "--seed"}
 
@@ -135,6 +144,9 @@ def rl(
         result = train_rl(config, out, device=launch_options["device"], resume=launch_options["resume"],
                           log=lambda message: console.print(message, highlight=False))
         final = next((h for h in reversed(result.history) if "val_reward" in h), None)
+        if final is not None and "val_si_sdri" not in final:  # a plain folder (--queries): no references, no SI-SDRi
+            console.print(f"done: step {result.step}, validation reward {final['val_reward']:.4f} on held-out files; model in {out}")
+            return {"step": result.step, "val_reward": final["val_reward"]}
         if final is not None:
             console.print(f"done: step {result.step}, validation reward {final['val_reward']:.4f}, SI-SDRi {final['val_si_sdri']:.2f} dB; model in {out}")
             return {"step": result.step, "val_reward": final["val_reward"], "val_si_sdri_db": final["val_si_sdri"]}
@@ -147,6 +159,7 @@ def rl(
 
         inputs = {key: optional_artifact(getattr(config, key), repo_type)
                   for key, repo_type in (("init_model", "model"), ("data", "dataset"), ("reward_encoder", "model"), ("encoder", "model"))}
+        inputs["queries"] = Path(config.queries) if config.queries else None  # the per-file queries of a plain folder
         # artifact paths are fingerprinted as inputs; worker counts do not change the result
         return {**to_mapping(config), "num_workers": None, **{k: None for k, v in inputs.items() if v is not None}}, inputs
 

@@ -208,3 +208,19 @@ def mixture_pair_kind(row: dict[str, Any]) -> str:
     """A fixed mixture's pair kind for reports: its family for a within pair, ``a+b`` across, ``""`` without pairing."""
     families = sorted(set(row.get("source_families") or []))
     return "+".join(families) if row.get("pair_type") else ""
+
+
+def source_groups(dataset_dir: str | Path, split: str = "test") -> dict[tuple[str, str], dict[str, str]]:
+    """``(mixture_id, source label) -> {"pair_kind", "family", "soundfont"}`` for a built dataset's fixed
+    mixtures: how reports break a union's scores down (pair kinds, soundfonts of instrument sources)."""
+    from marsctl.data.manifest import load_clips, load_mixtures
+
+    clips = load_clips(dataset_dir)
+    soundfont = dict(zip(clips["clip_id"], clips["soundfont"])) if "soundfont" in clips.column_names else {}
+    groups = {}
+    for row in load_mixtures(dataset_dir, split=split):
+        families = list(row.get("source_families") or [""] * len(row["source_labels"]))
+        for label, clip_id, family in zip(row["source_labels"], row["source_clip_ids"], families):
+            groups[(row["mixture_id"], label)] = {"pair_kind": mixture_pair_kind(row), "family": family,
+                                                  "soundfont": soundfont.get(clip_id) or ""}
+    return groups

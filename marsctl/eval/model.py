@@ -4,9 +4,15 @@ As OmniSep/CLIPSep do, every source of every fixed test mixture is separated wit
 *own* query (:meth:`marsctl.queries.QueryBuilder.source`), and scored against that source as it sits in
 the mix by the scoring path of every ``marsctl eval`` (:func:`marsctl.eval.scoring.score_systems`:
 BSS-Eval SDR/SIR/SAR with the sources of a mixture scored jointly, SI-SDR, SI-SDRi, STFT
-distance; silent or failed estimates at the floor), plus the CLAP score: 100 * cos(text
-embedding of the source's label, audio embedding of the estimate), with the chosen encoder
-(default: the model's own query encoder).
+distance; silent or failed estimates at the floor), plus text-audio scores: 100 * cos(text
+embedding of the source's label, audio embedding of the estimate)
+(:class:`marsctl.models.judge.TextAudioScorer`):
+
+- ``reward_encoder_score``: with the model's own query encoder, the encoder RL optimises
+  against (by default): RL raises it by construction, so it is *not* an independent measure;
+- ``judge_score`` (only with a judge, ``marsctl eval --judge SPEC``): with an independent
+  encoder. A judge with the same weights as the model's encoder (or as the reward encoder its
+  RL run recorded) is refused (:func:`check_judge`).
 
 Two reference systems are scored on the same sources: ``mixture`` (the unprocessed mix
 as the estimate) and ``oracle-irm`` (the ideal ratio mask |S_n| / sum_k |S_k| applied to
@@ -21,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -33,10 +39,16 @@ from marsctl.queries import QueryBuilder
 from marsctl.eval.report import EvalReport, SourceScores, write_report
 from marsctl.eval.scoring import SEPARATION_METRICS, score_systems
 from marsctl.models.encoder_base import QueryEncoder
+from marsctl.models.judge import JUDGE_SCORE, REWARD_ENCODER_SCORE, TextAudioScorer, encoder_fingerprint
 from marsctl.models.separator import LoadedSeparator
 from marsctl.separate import SeparateOptions, separate_waveform
 
-METRICS = (*SEPARATION_METRICS, "clap_score")
+#: the text-audio score columns, judge first
+SCORE_COLUMNS = (JUDGE_SCORE, REWARD_ENCODER_SCORE)
+METRICS = (*SEPARATION_METRICS, *SCORE_COLUMNS)
+#: what the report says when no judge was given
+NO_JUDGE_NOTE = ("no independent judge was given (--judge): reward_encoder_score is the model's own query/reward "
+                 "encoder's score, which RL optimises, so it is not an independent measure")
 
 
 @dataclasses.dataclass
@@ -75,33 +87,29 @@ def oracle_irm(mixture: torch.Tensor, sources: torch.Tensor, spectrogram: Spectr
     return spectrogram.istft(mask * X, mixture.shape[-1])
 
 
-class ClapScorer:
-    """CLAP score of estimates: 100 x cos(text embedding of the label, audio embedding of the estimate)."""
-
-    def __init__(self, encoder: QueryEncoder, sample_rate: int):
-        self.encoder, self.sample_rate = encoder, sample_rate
-        self._texts: dict[str, torch.Tensor] = {}
-
-    @torch.no_grad()
-    def __call__(self, labels: Sequence[str], estimates: torch.Tensor) -> torch.Tensor:
-        for label in labels:
-            if label not in self._texts:
-                self._texts[label] = self.encoder.embed_text([label])[0].float().cpu()
-        text = torch.stack([self._texts[label] for label in labels])
-        audio = self.encoder.embed_audio([e.float().to(self.encoder.device) for e in estimates], self.sample_rate).float().cpu()
-        return (text * audio).sum(-1) * 100.0
+#: the former name of :class:`~marsctl.models.judge.TextAudioScorer`
+ClapScorer = TextAudioScorer
 
 
-def score_mixture(mix: TestMixture, systems: Sequence[tuple[str, str, torch.Tensor]], clap: Callable, signal) -> list[dict[str, Any]]:
-    """Rows of every ``(system, query_modality, estimates [S, T])`` of one test mixture, scored in one pass."""
+def score_mixture(mix: TestMixture, systems: Sequence[tuple[str, str, torch.Tensor]],
+                  scorers: Mapping[str, Callable] | Callable, signal) -> list[dict[str, Any]]:
+    """Rows of every ``(system, query_modality, estimates [S, T])`` of one test mixture, scored in one pass.
+
+    ``scorers``: score column -> ``scorer(labels, estimates) -> [S]`` (:class:`TextAudioScorer`);
+    one scorer alone is the ``reward_encoder_score`` (the model's own encoder)."""
+    if callable(scorers) and not isinstance(scorers, Mapping):
+        scorers = {REWARD_ENCODER_SCORE: scorers}
+    unknown = [name for name in scorers if name not in SCORE_COLUMNS]
+    if unknown:
+        raise ValueError(f"unknown score column {unknown[0]!r}; expected one of {', '.join(SCORE_COLUMNS)}")
     scores = score_systems(torch.from_numpy(mix.sources), [est for _, _, est in systems], torch.from_numpy(mix.mixture), signal)
     rows = []
     for (system, modality, estimates), result in zip(systems, scores):
-        clap_scores = clap(mix.labels, estimates)
+        text_audio = {name: scorer(mix.labels, estimates) for name, scorer in scorers.items()}
         for n, label in enumerate(mix.labels):
             row = {"system": system, "query_modality": modality, "mixture_id": mix.mixture_id, "source": n, "label": label}
             row.update({m: float(result.metrics[m][n]) for m in SEPARATION_METRICS})
-            row["clap_score"] = float(clap_scores[n])
+            row.update({name: float(values[n]) for name, values in text_audio.items()})
             row["note"] = "; ".join(result.notes((n,)))
             rows.append(row)
     return rows
@@ -113,16 +121,22 @@ def evaluate_separator(
     encoder: QueryEncoder,
     dataset_dir: str | Path,
     query_modalities: Sequence[str] = ("text",),
-    clap_encoder: QueryEncoder | None = None,
+    judge_encoder: QueryEncoder | None = None,
     split: str = "test",
     limit: int | None = None,
     references: bool = True,
     on_mixture: Callable[[str], None] | None = None,
+    skip_missing_queries: bool = False,
 ) -> list[dict[str, Any]]:
     """Per-source rows for the model (each modality) and, with ``references``, the mixture and IRM oracle.
 
     A row: ``system``, ``query_modality`` (``-`` for the references), ``mixture_id``,
-    ``source`` (index), ``label``, the metrics (NaN = undefined) and ``note``.
+    ``source`` (index), ``label``, the metrics (NaN = undefined) and ``note``. The metrics include
+    ``reward_encoder_score`` (with ``encoder``, the model's own) and, with ``judge_encoder``,
+    ``judge_score`` (independence is :func:`check_judge`'s business).
+    A mixture with a source that has no query of a modality (no other clip of its class in the
+    split for audio, no frames for image) is an error, or, with ``skip_missing_queries``, left
+    out of that modality's rows (the summaries' n shows how many sources were scored).
     """
     bad = [m for m in query_modalities if m not in QUERY_MODALITIES]
     if bad:
@@ -131,7 +145,9 @@ def evaluate_separator(
     signal = model.model.config.signal
     mixtures = load_test_mixtures(root, split, limit)
     queries = QueryBuilder(encoder, root, signal.sample_rate, split=split)
-    clap = ClapScorer(clap_encoder or encoder, signal.sample_rate)
+    scorers = {REWARD_ENCODER_SCORE: TextAudioScorer(encoder, signal.sample_rate)}
+    if judge_encoder is not None:
+        scorers = {JUDGE_SCORE: TextAudioScorer(judge_encoder, signal.sample_rate), **scorers}
     spectrogram = Spectrogram(signal).double()
     options = SeparateOptions()
     rows: list[dict[str, Any]] = []
@@ -146,12 +162,14 @@ def evaluate_separator(
         for modality in query_modalities:
             vectors = [queries.source(modality, label, clip_id, frames) for label, clip_id, frames in zip(mix.labels, mix.clip_ids, mix.frame_paths)]
             if any(v is None for v in vectors):
+                if skip_missing_queries:
+                    continue
                 raise MarsctlError(
                     f"{root}: mixture {mix.mixture_id} has no {modality} query for one of its sources "
                     f"({'no video frames' if modality == 'image' else 'no other clip of the same class in the split'})"
                 )
             systems.append(("model", modality, separate_waveform(model.model, mixture, torch.stack(vectors), options)))
-        rows += score_mixture(mix, systems, clap, signal)
+        rows += score_mixture(mix, systems, scorers, signal)
         if on_mixture is not None:
             on_mixture(mix.mixture_id)
     return rows
@@ -194,6 +212,33 @@ def write_evaluation(rows: Sequence[dict[str, Any]], out_dir: str | Path, meta: 
     return write_report(as_report(rows, meta), out_dir, group_keys=("system", "class"))
 
 
+def check_judge(judge_spec: str, judge: QueryEncoder, model: LoadedSeparator, encoder: QueryEncoder,
+                device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Refuse a judge with the same weights as the model's query encoder or as the reward
+    encoder its RL run recorded (``config.json`` ``training.reward_encoder``, compared when it is
+    a local directory). Returns what the report records: fingerprints and what was compared."""
+    judge_print, own_print = encoder_fingerprint(judge), encoder_fingerprint(encoder)
+    compared = [f"query encoder {model.encoder}"]
+    same = judge_print == own_print
+    reward_spec = str((model.config.get("training") or {}).get("reward_encoder") or "")
+    if not same and reward_spec and reward_spec != model.encoder:
+        if Path(reward_spec).is_dir():
+            from marsctl.models.encoders import load_encoder
+
+            same = encoder_fingerprint(load_encoder(reward_spec, device=device)) == judge_print
+            compared.append(f"reward encoder {reward_spec}")
+        elif reward_spec == judge_spec:
+            same = True
+        else:
+            compared.append(f"not the reward encoder {reward_spec} (not a local directory here)")
+    if same:
+        raise MarsctlError(
+            f"--judge {judge_spec}: same weights as the model's query/reward encoder (fingerprint {judge_print[:12]}), "
+            "so not an independent judge; give another encoder, or leave out --judge"
+        )
+    return {"judge_fingerprint": judge_print, "reward_encoder_fingerprint": own_print, "judge_compared_with": compared}
+
+
 def evaluate_model_on_dataset(
     model_spec: str | Path | None,
     dataset: str | Path,
@@ -201,13 +246,16 @@ def evaluate_model_on_dataset(
     query_modalities: Sequence[str] = ("text",),
     split: str = "test",
     limit: int | None = None,
-    clap_encoder: str | None = None,
+    judge: str | None = None,
     device: str | None = None,
     on_mixture: Callable[[str], None] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Path]]:
-    """``marsctl eval --model M --data D``: load, evaluate, write the report; returns (rows, paths).
+    """``marsctl eval --model M --data D [--judge SPEC]``: load, evaluate, write the report; returns (rows, paths).
 
-    ``model_spec`` None uses the embedded default; ``dataset`` may be a Hub dataset id.
+    ``model_spec`` None uses the embedded default; ``dataset`` may be a Hub id; ``judge`` is any
+    spec :func:`~marsctl.models.encoders.load_encoder` accepts (refused by :func:`check_judge`
+    when it has the model's encoder's weights). Without it the report says that no independent
+    judge was given.
     """
     from marsctl.models.encoders import load_encoder
     from marsctl.separate import load_model_and_encoder
@@ -219,12 +267,20 @@ def evaluate_model_on_dataset(
 
         data_dir = Path(resolve_artifact(str(dataset), "dataset"))
     model, encoder = load_model_and_encoder(model_spec, device=device)
-    clap = load_encoder(clap_encoder, device=device) if clap_encoder else None
-    rows = evaluate_separator(model, encoder, data_dir, query_modalities, clap_encoder=clap, split=split, limit=limit, on_mixture=on_mixture)
-    meta = {
+    meta: dict[str, Any] = {
         "model": str(model.directory), "data": str(data_dir), "split": split, "query_modalities": list(query_modalities),
-        "encoder": model.encoder, "clap_encoder": clap_encoder or model.encoder,
+        "encoder": model.encoder, "reward_encoder_score": f"100 x cos(label text, estimate audio) by the model's own encoder {model.encoder}",
+        "judge": judge,
     }
+    judge_encoder = None
+    if judge:
+        judge_encoder = load_encoder(judge, device=device)
+        meta.update(check_judge(judge, judge_encoder, model, encoder, device))
+        meta["judge_score"] = f"100 x cos(label text, estimate audio) by the independent judge {judge}"
+    else:
+        meta["judge_note"] = NO_JUDGE_NOTE
+    rows = evaluate_separator(model, encoder, data_dir, query_modalities, judge_encoder=judge_encoder, split=split, limit=limit,
+                              on_mixture=on_mixture)
     return rows, write_evaluation(rows, out_dir, meta)
 
 

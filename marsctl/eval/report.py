@@ -19,7 +19,7 @@ from typing import Any, Iterable, Sequence
 from marsctl.eval.scoring import DB_FLOOR, SEPARATION_METRICS
 from marsctl.files import write_json_atomic, write_text_atomic
 
-#: metric columns in display order, with their labels (the CLAP score only when a row has one)
+#: metric columns in display order, with their labels (the text-audio scores: see SCORE_METRICS)
 METRICS: dict[str, str] = {
     "sdr": "SDR (dB)",
     "sir": "SIR (dB)",
@@ -28,7 +28,12 @@ METRICS: dict[str, str] = {
     "si_sdri": "SI-SDRi (dB)",
     "stft_distance": "STFT L1",
 }
-CLAP_METRIC = ("clap_score", "CLAP")
+#: text-audio scores of model evaluations (marsctl.models.judge), each a column only when some row has it:
+#: the independent judge's, and the model's own query/reward encoder's (which RL optimises)
+SCORE_METRICS: dict[str, str] = {
+    "judge_score": "Judge score",
+    "reward_encoder_score": "Reward-encoder score (not independent)",
+}
 assert tuple(METRICS) == SEPARATION_METRICS
 
 
@@ -44,8 +49,11 @@ class SourceScores:
     si_sdr: float | None = None
     si_sdri: float | None = None
     stft_distance: float | None = None
-    #: 100 x cosine of the label's text embedding and the estimate's audio embedding (models only)
-    clap_score: float | None = None
+    #: 100 x cosine of the label's text embedding and the estimate's audio embedding (models only),
+    #: by an independent judge encoder (``--judge``) ...
+    judge_score: float | None = None
+    #: ... and by the model's own query/reward encoder (not independent: RL optimises it)
+    reward_encoder_score: float | None = None
     #: extra grouping keys (e.g. system, class, query modality)
     group: dict[str, str] = field(default_factory=dict)
     note: str = ""
@@ -117,9 +125,9 @@ class EvalReport:
 
     @property
     def metrics(self) -> dict[str, str]:
-        """The metric columns of this report (the CLAP score only when some row has one)."""
-        has_clap = any(r.clap_score is not None for r in self.rows)
-        return {**METRICS, **(dict([CLAP_METRIC]) if has_clap else {})}
+        """The metric columns of this report (each text-audio score only when some row has one)."""
+        scores = {name: label for name, label in SCORE_METRICS.items() if any(getattr(r, name) is not None for r in self.rows)}
+        return {**METRICS, **scores}
 
     def summary(self, rows: Sequence[SourceScores] | None = None) -> dict[str, MetricSummary]:
         rows = self.rows if rows is None else rows
@@ -170,6 +178,23 @@ def _csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return buffer.getvalue()
 
 
+def score_note(report: EvalReport) -> str:
+    """What the text-audio score columns of a model evaluation mean (a paragraph; empty without them)."""
+    metrics, settings = report.metrics, report.settings
+    if "judge_score" not in metrics and "reward_encoder_score" not in metrics:
+        return ""
+    lines = []
+    if "judge_score" in metrics:
+        lines.append(f"- Judge: 100 × cosine of the label's text and the estimate's audio embedding by the independent "
+                     f"judge encoder `{settings.get('judge') or 'given'}`.")
+    else:
+        lines.append("- No independent judge was given (`--judge`).")
+    if "reward_encoder_score" in metrics:
+        lines.append(f"- Reward enc.: the same cosine by the model's own query/reward encoder `{settings.get('encoder') or 'of the model'}`; "
+                     "RL optimises this encoder's score, so it is not an independent measure.")
+    return "\n".join(lines) + "\n\n"
+
+
 def write_report(report: EvalReport, out_dir: str | Path, group_keys: Sequence[str] = ()) -> dict[str, Path]:
     """Write ``report.json``, ``scores.csv`` (one row per source), ``summary.csv`` and ``summary.md``;
     for a report of several systems also ``model_summary.json`` / ``model_summary.md`` (mean ± SE
@@ -214,7 +239,8 @@ def write_report(report: EvalReport, out_dir: str | Path, group_keys: Sequence[s
         write_text_atomic(
             paths["model_summary_md"],
             f"# Evaluation of {report.settings.get('model', 'model')} on {report.settings.get('data', 'data')}\n\n"
-            "Mean ± standard error over sources (dB; CLAP score = 100 × text–audio cosine); silent or failed "
-            f"estimates are scored at {DB_FLOOR:g} dB.\n\n" + markdown_table(overall) + "\n## Per class\n\n" + markdown_table(per_class),
+            "Mean ± standard error over sources (dB); silent or failed "
+            f"estimates are scored at {DB_FLOOR:g} dB.\n\n" + score_note(report) + markdown_table(overall)
+            + "\n## Per class\n\n" + markdown_table(per_class),
         )
     return paths

@@ -12,12 +12,14 @@ from typing import Any, Sequence
 from rich import box
 from rich.table import Table
 
-from marsctl.eval.report import EvalReport, GroupSummary, MetricSummary
+from marsctl.eval.report import EvalReport, GroupSummary, MetricSummary, score_note
 
 #: systems in display order; others after them
 SYSTEM_ORDER = {"mixture": 0, "model": 1, "oracle-irm": 2}
 #: short column labels of the per-system tables
-SHORT_LABELS = {"sdr": "SDR", "sir": "SIR", "sar": "SAR", "si_sdr": "SI-SDR", "si_sdri": "SI-SDRi", "stft_distance": "STFT dist", "clap_score": "CLAP"}
+#: (judge_score: the independent judge's text-audio score; reward_encoder_score: the model's own encoder's, not independent)
+SHORT_LABELS = {"sdr": "SDR", "sir": "SIR", "sar": "SAR", "si_sdr": "SI-SDR", "si_sdri": "SI-SDRi", "stft_distance": "STFT dist",
+                "judge_score": "Judge", "reward_encoder_score": "Reward enc."}
 
 
 def cell(summary: MetricSummary, n: int, digits: int = 2) -> str:
@@ -44,6 +46,9 @@ def markdown_summary(report: EvalReport, group_keys: Sequence[str] = ()) -> str:
     metrics = report.metrics
     header = "| | " + " | ".join(metrics.values()) + " | n |\n|---|" + "---:|" * (len(metrics) + 1)
     lines = ["# Evaluation summary", "", "Mean ± standard error over sources.", ""]
+    note = score_note(report)
+    if note:
+        lines += note.rstrip("\n").split("\n") + [""]
 
     def add(name: str, summary: dict[str, Any], n: int) -> None:
         lines.append(f"| {name} | " + " | ".join(cell(summary[m], n) for m in metrics) + f" | {n} |")
@@ -96,7 +101,7 @@ def _entry_cells(entry: dict[str, Any], metrics: Sequence[str]) -> list[str]:
 
 
 def markdown_table(entries: Sequence[dict[str, Any]]) -> str:
-    """A Markdown table of :func:`system_entries`: mean ± SE (dB; CLAP score x100)."""
+    """A Markdown table of :func:`system_entries`: mean ± SE (dB; text-audio scores x100)."""
     metrics = [m for m in SHORT_LABELS if entries and f"{m}_mean" in entries[0]]
     head = ["system", "query", *(["class"] if entries and "label" in entries[0] else []), "n", *(SHORT_LABELS[m] for m in metrics)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -106,16 +111,25 @@ def markdown_table(entries: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summary_rich_table(entries: Sequence[dict[str, Any]], title: str = "Evaluation") -> Table:
-    """A rich table of :func:`system_entries` (for the CLI); fits 80 columns by folding, never truncating."""
-    metrics = [m for m in ("sdr", "sir", "sar", "si_sdri", "clap_score") if entries and f"{m}_mean" in entries[0]]
+#: the columns of the CLI's tables: separation metrics, and (a second table) the text-audio scores
+RICH_SEPARATION_METRICS = ("sdr", "sir", "sar", "si_sdri")
+RICH_SCORE_METRICS = ("judge_score", "reward_encoder_score")
+
+
+def summary_rich_table(entries: Sequence[dict[str, Any]], title: str = "Evaluation",
+                       metrics: Sequence[str] = RICH_SEPARATION_METRICS) -> Table:
+    """A rich table of :func:`system_entries` (for the CLI) with the columns ``metrics`` that the
+    entries have (default: SDR, SIR, SAR, SI-SDRi; ``RICH_SCORE_METRICS`` for the text-audio
+    scores); fits 80 columns by folding, never truncating."""
+    metrics = [m for m in metrics if entries and f"{m}_mean" in entries[0]]
     table = _narrow_table(title)
     text_columns = [("system", "system"), ("query", "query_modality"), *([("class", "label")] if entries and "label" in entries[0] else [])]
     for column, key in text_columns:  # names are not cut: as wide as the longest one (up to 16, then folded)
         table.add_column(column, min_width=min(16, max([len(column)] + [len(str(e[key])) for e in entries])), overflow="fold")
     table.add_column("n", justify="right")
     for metric in metrics:
-        table.add_column(SHORT_LABELS[metric], justify="right", min_width=len(SHORT_LABELS[metric]), overflow="fold")
+        label = SHORT_LABELS[metric]
+        table.add_column(label, justify="right", min_width=max(len(word) for word in label.split()), overflow="fold")
     for e in entries:
         cells = [e["system"], e["query_modality"], *([e["label"]] if "label" in e else []), str(e["n"])]
         table.add_row(*cells, *(_stacked(c) for c in _entry_cells(e, metrics)))

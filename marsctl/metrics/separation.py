@@ -76,7 +76,7 @@ def _solve_projection(lags: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     way mir_eval solves every system (:func:`_dense_solve`), so the result is deterministic
     and equal to mir_eval's.
     """
-    solution = solve_block_toeplitz(lags, rhs)
+    solution = solve_block_toeplitz(lags, rhs, symmetric=True)  # a Gram matrix: R[-k] = R[k]^T
     residual = block_toeplitz_matvec(lags, solution) - rhs
     scale = rhs.flatten(-3).norm(dim=-1).clamp_min(torch.finfo(rhs.dtype).tiny)
     relative = residual.flatten(-3).norm(dim=-1) / scale

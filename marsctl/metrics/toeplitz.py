@@ -148,33 +148,225 @@ def _block_levinson(pos: np.ndarray, neg: np.ndarray, rhs: np.ndarray, inv_r0: n
     return x
 
 
-def solve_block_toeplitz(lags: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+@numba.njit(cache=True, fastmath={"contract"}, nogil=True, boundscheck=False)
+def _levinson_symmetric_scalar(r: np.ndarray, rhs: np.ndarray, inv_r0: np.ndarray) -> np.ndarray:  # pragma: no cover
+    """Levinson recursion for 1 x 1 blocks of a symmetric Toeplitz matrix (``R[-k] = R[k]``, an
+    autocorrelation), batch innermost: ``r`` ``[n, B]`` (``R[0..n-1]``), ``rhs`` ``[n, K, B]``,
+    ``inv_r0`` ``[B]`` -> ``x`` ``[n, K, B]``.
+
+    With a symmetric matrix the backward solution is the forward one reversed
+    (``b_j = f_{m-1-j}``) and ``E_b = E_f``, so only ``f`` is kept and updated in pairs
+    ``(j, m - j)``. Every inner loop runs over the batch and touches few arrays, which lets
+    LLVM vectorise it (4-5x faster than :func:`_block_levinson` with ``S = 1``)."""
+    n, K, B = rhs.shape
+    x = np.zeros((n, K, B))
+    f = np.zeros((n, B))
+    ef = np.zeros(B)
+    a = np.empty(B)
+    g = np.empty(B)
+    ex = np.zeros((K, B))
+    nx = np.zeros((K, B))
+    for i in range(B):
+        f[0, i] = inv_r0[i]
+    for k in range(K):
+        for i in range(B):
+            x[0, k, i] = inv_r0[i] * rhs[0, k, i]
+    if n > 1:
+        for i in range(B):
+            ef[i] = r[1, i] * f[0, i]
+        for k in range(K):
+            for i in range(B):
+                ex[k, i] = r[1, i] * x[0, k, i]
+    for m in range(1, n):
+        for i in range(B):
+            a[i] = 1.0 / (1.0 - ef[i] * ef[i])
+            g[i] = ef[i] * a[i]
+            ef[i] = 0.0
+        for k in range(K):
+            for i in range(B):
+                ex[k, i] = rhs[m, k, i] - ex[k, i]
+                nx[k, i] = 0.0
+        more = m + 1 < n
+        for j in range(0, m // 2 + 1):
+            j2 = m - j
+            if j2 == m:
+                for i in range(B):
+                    f[j2, i] = -f[j, i] * g[i]
+                    f[j, i] = f[j, i] * a[i]
+            elif j2 != j:
+                for i in range(B):
+                    fj = f[j, i]
+                    fj2 = f[j2, i]
+                    f[j, i] = fj * a[i] - fj2 * g[i]
+                    f[j2, i] = fj2 * a[i] - fj * g[i]
+            else:
+                for i in range(B):
+                    f[j, i] = f[j, i] * (a[i] - g[i])
+            for k in range(K):
+                for i in range(B):
+                    x[j, k, i] += f[j2, i] * ex[k, i]
+                if j2 != j:
+                    for i in range(B):
+                        x[j2, k, i] += f[j, i] * ex[k, i]
+            if more:
+                for i in range(B):
+                    ef[i] += r[m + 1 - j, i] * f[j, i]
+                for k in range(K):
+                    for i in range(B):
+                        nx[k, i] += r[m + 1 - j, i] * x[j, k, i]
+                if j2 != j:
+                    for i in range(B):
+                        ef[i] += r[m + 1 - j2, i] * f[j2, i]
+                    for k in range(K):
+                        for i in range(B):
+                            nx[k, i] += r[m + 1 - j2, i] * x[j2, k, i]
+        for k in range(K):
+            for i in range(B):
+                ex[k, i] = nx[k, i]
+    return x
+
+
+@numba.njit(cache=True, fastmath={"contract"}, nogil=True, boundscheck=False)
+def _levinson_2x2(pos: np.ndarray, neg: np.ndarray, rhs: np.ndarray, inv_r0: np.ndarray) -> np.ndarray:  # pragma: no cover
+    """Block Levinson recursion for 2 x 2 blocks (two sources), batch first: ``pos/neg``
+    ``[B, n, 2, 2]``, ``rhs`` ``[B, n, 2, K]``, ``inv_r0`` ``[B, 2, 2]`` -> ``x`` ``[B, n, 2, K]``.
+
+    The recursion of :func:`_block_levinson`, one batch item at a time with every 2 x 2
+    product written out in scalars (registers) and ``(I - E_b E_f)^-1`` and ``(I - E_f E_b)^-1``
+    inverted in closed form; step ``m``'s update of block ``j`` is followed at once by that
+    block's share of step ``m + 1``'s errors, so each block is read once per step (about
+    1.6-1.9x faster than the general kernel with ``S = 2``)."""
+    B, n, S, K = rhs.shape
+    x = np.zeros((B, n, 2, K))
+    fwd = np.empty((n, 2, 2))
+    bwd = np.empty((n, 2, 2))
+    ex = np.empty((2, K))
+    nx = np.empty((2, K))
+    for it in range(B):
+        P = pos[it]; N = neg[it]; Y = rhs[it]; X = x[it]
+        r00 = inv_r0[it, 0, 0]; r01 = inv_r0[it, 0, 1]; r10 = inv_r0[it, 1, 0]; r11 = inv_r0[it, 1, 1]
+        fwd[0, 0, 0] = r00; fwd[0, 0, 1] = r01; fwd[0, 1, 0] = r10; fwd[0, 1, 1] = r11
+        bwd[0, 0, 0] = r00; bwd[0, 0, 1] = r01; bwd[0, 1, 0] = r10; bwd[0, 1, 1] = r11
+        for k in range(K):
+            X[0, 0, k] = r00 * Y[0, 0, k] + r01 * Y[0, 1, k]
+            X[0, 1, k] = r10 * Y[0, 0, k] + r11 * Y[0, 1, k]
+        ef00 = ef01 = ef10 = ef11 = 0.0
+        eb00 = eb01 = eb10 = eb11 = 0.0
+        if n > 1:
+            n00 = N[1, 0, 0]; n01 = N[1, 0, 1]; n10 = N[1, 1, 0]; n11 = N[1, 1, 1]
+            p00 = P[1, 0, 0]; p01 = P[1, 0, 1]; p10 = P[1, 1, 0]; p11 = P[1, 1, 1]
+            ef00 = n00 * r00 + n01 * r10; ef01 = n00 * r01 + n01 * r11
+            ef10 = n10 * r00 + n11 * r10; ef11 = n10 * r01 + n11 * r11
+            eb00 = p00 * r00 + p01 * r10; eb01 = p00 * r01 + p01 * r11
+            eb10 = p10 * r00 + p11 * r10; eb11 = p10 * r01 + p11 * r11
+            for k in range(K):
+                ex[0, k] = n00 * X[0, 0, k] + n01 * X[0, 1, k]
+                ex[1, k] = n10 * X[0, 0, k] + n11 * X[0, 1, k]
+        for m in range(1, n):
+            u00 = 1.0 - (eb00 * ef00 + eb01 * ef10); u01 = -(eb00 * ef01 + eb01 * ef11)
+            u10 = -(eb10 * ef00 + eb11 * ef10); u11 = 1.0 - (eb10 * ef01 + eb11 * ef11)
+            v00 = 1.0 - (ef00 * eb00 + ef01 * eb10); v01 = -(ef00 * eb01 + ef01 * eb11)
+            v10 = -(ef10 * eb00 + ef11 * eb10); v11 = 1.0 - (ef10 * eb01 + ef11 * eb11)
+            du = 1.0 / (u00 * u11 - u01 * u10)
+            dv = 1.0 / (v00 * v11 - v01 * v10)
+            A00 = u11 * du; A01 = -u01 * du; A10 = -u10 * du; A11 = u00 * du
+            D00 = v11 * dv; D01 = -v01 * dv; D10 = -v10 * dv; D11 = v00 * dv
+            G00 = ef00 * A00 + ef01 * A10; G01 = ef00 * A01 + ef01 * A11
+            G10 = ef10 * A00 + ef11 * A10; G11 = ef10 * A01 + ef11 * A11
+            H00 = eb00 * D00 + eb01 * D10; H01 = eb00 * D01 + eb01 * D11
+            H10 = eb10 * D00 + eb11 * D10; H11 = eb10 * D01 + eb11 * D11
+            for k in range(K):
+                ex[0, k] = Y[m, 0, k] - ex[0, k]
+                ex[1, k] = Y[m, 1, k] - ex[1, k]
+                nx[0, k] = 0.0
+                nx[1, k] = 0.0
+            ef00 = ef01 = ef10 = ef11 = 0.0
+            eb00 = eb01 = eb10 = eb11 = 0.0
+            more = m + 1 < n
+            for j in range(m, -1, -1):
+                if j < m:
+                    F00 = fwd[j, 0, 0]; F01 = fwd[j, 0, 1]; F10 = fwd[j, 1, 0]; F11 = fwd[j, 1, 1]
+                else:
+                    F00 = F01 = F10 = F11 = 0.0
+                if j > 0:
+                    Q00 = bwd[j - 1, 0, 0]; Q01 = bwd[j - 1, 0, 1]; Q10 = bwd[j - 1, 1, 0]; Q11 = bwd[j - 1, 1, 1]
+                else:
+                    Q00 = Q01 = Q10 = Q11 = 0.0
+                nf00 = F00 * A00 + F01 * A10 - (Q00 * G00 + Q01 * G10)
+                nf01 = F00 * A01 + F01 * A11 - (Q00 * G01 + Q01 * G11)
+                nf10 = F10 * A00 + F11 * A10 - (Q10 * G00 + Q11 * G10)
+                nf11 = F10 * A01 + F11 * A11 - (Q10 * G01 + Q11 * G11)
+                nb00 = Q00 * D00 + Q01 * D10 - (F00 * H00 + F01 * H10)
+                nb01 = Q00 * D01 + Q01 * D11 - (F00 * H01 + F01 * H11)
+                nb10 = Q10 * D00 + Q11 * D10 - (F10 * H00 + F11 * H10)
+                nb11 = Q10 * D01 + Q11 * D11 - (F10 * H01 + F11 * H11)
+                fwd[j, 0, 0] = nf00; fwd[j, 0, 1] = nf01; fwd[j, 1, 0] = nf10; fwd[j, 1, 1] = nf11
+                bwd[j, 0, 0] = nb00; bwd[j, 0, 1] = nb01; bwd[j, 1, 0] = nb10; bwd[j, 1, 1] = nb11
+                if more:
+                    n00 = N[m + 1 - j, 0, 0]; n01 = N[m + 1 - j, 0, 1]; n10 = N[m + 1 - j, 1, 0]; n11 = N[m + 1 - j, 1, 1]
+                    p00 = P[j + 1, 0, 0]; p01 = P[j + 1, 0, 1]; p10 = P[j + 1, 1, 0]; p11 = P[j + 1, 1, 1]
+                    ef00 += n00 * nf00 + n01 * nf10; ef01 += n00 * nf01 + n01 * nf11
+                    ef10 += n10 * nf00 + n11 * nf10; ef11 += n10 * nf01 + n11 * nf11
+                    eb00 += p00 * nb00 + p01 * nb10; eb01 += p00 * nb01 + p01 * nb11
+                    eb10 += p10 * nb00 + p11 * nb10; eb11 += p10 * nb01 + p11 * nb11
+                else:
+                    n00 = n01 = n10 = n11 = 0.0
+                for k in range(K):
+                    e0 = ex[0, k]; e1 = ex[1, k]
+                    x0 = X[j, 0, k] + nb00 * e0 + nb01 * e1
+                    x1 = X[j, 1, k] + nb10 * e0 + nb11 * e1
+                    X[j, 0, k] = x0
+                    X[j, 1, k] = x1
+                    nx[0, k] += n00 * x0 + n01 * x1
+                    nx[1, k] += n10 * x0 + n11 * x1
+            for k in range(K):
+                ex[0, k] = nx[0, k]
+                ex[1, k] = nx[1, k]
+    return x
+
+
+def solve_block_toeplitz(lags: torch.Tensor, rhs: torch.Tensor, symmetric: bool = False) -> torch.Tensor:
     """Solve ``M x = rhs`` for block-Toeplitz ``M`` given by its lags.
 
     ``lags``: ``[..., 2n, S, S]`` with ``M[i, j] = R[j - i]``, lags ``0..n-1`` first then
     ``-n..-1`` (the layout of ``fast_bss_eval``'s ``compute_stats_2``); ``rhs``:
     ``[..., n, S, K]``. Returns ``x`` shaped like ``rhs`` (float64, on the CPU).
+    ``symmetric=True`` promises ``R[-k] = R[k]^T`` (correlation matrices, as in BSS-Eval);
+    with ``S = 1`` only ``R[0..n-1]`` is then read and the cheaper symmetric recursion is used.
 
     Order-``m`` recursion (``T_m`` the leading ``m x m`` blocks): forward ``f`` solves
     ``T_m f = [I 0 .. 0]^T``, backward ``b`` solves ``T_m b = [0 .. 0 I]^T``. With
     ``E_f = sum_j R[j-m] f_j``, ``E_b = sum_j R[j] b_{j-1}`` and ``E_x = sum_j R[j-m] x_j``:
     ``f' = [f;0] a - [0;b] E_f a`` with ``a = (I - E_b E_f)^-1``,
     ``b' = [0;b] d - [f;0] E_b d`` with ``d = (I - E_f E_b)^-1``, and
-    ``x' = [x;0] + b' (y_m - E_x)``. Compiled with numba, with the batch as the innermost
-    axis so that every update is one long SIMD loop; a torch loop over the ``n`` steps
-    spends its time in per-call overhead and temporaries instead.
+    ``x' = [x;0] + b' (y_m - E_x)``. Compiled with numba; one kernel per case, chosen by
+    the block size: ``S = 1`` symmetric (:func:`_levinson_symmetric_scalar`), ``S = 2``
+    (:func:`_levinson_2x2`, the two-source mixtures of this project) and any ``S``
+    (:func:`_block_levinson`). A torch loop over the ``n`` steps spends its time in
+    per-call overhead and temporaries instead.
     """
     n, S, K = rhs.shape[-3:]
     batch = rhs.shape[:-3]
     pos, neg = _lag_blocks(lags.reshape(-1, 2 * n, S, S), n)
 
+    def numpy64(t: torch.Tensor) -> np.ndarray:
+        return np.ascontiguousarray(t.detach().cpu().to(torch.float64).numpy())
+
     def batch_last(t: torch.Tensor) -> np.ndarray:
-        return np.ascontiguousarray(t.detach().cpu().to(torch.float64).movedim(0, -1).numpy())
+        return numpy64(t.movedim(0, -1))
 
     inv_r0, info = torch.linalg.inv_ex(pos[:, 0])
     inv_r0[info != 0] = float("nan")  # singular lag-0 block: let the caller's residual check see it
-    solution = _block_levinson(batch_last(pos), batch_last(neg), batch_last(rhs.reshape(-1, n, S, K)), batch_last(inv_r0))
-    return torch.from_numpy(solution).movedim(-1, 0).reshape(*batch, n, S, K)
+    flat_rhs = rhs.reshape(-1, n, S, K)
+    if S == 1 and symmetric:
+        solution = torch.from_numpy(
+            _levinson_symmetric_scalar(batch_last(pos[..., 0, 0]), batch_last(flat_rhs[..., 0, :]), numpy64(inv_r0[:, 0, 0]))
+        ).movedim(-1, 0)[:, :, None, :]
+    elif S == 2:
+        solution = torch.from_numpy(_levinson_2x2(numpy64(pos), numpy64(neg), numpy64(flat_rhs), numpy64(inv_r0)))
+    else:
+        solution = torch.from_numpy(_block_levinson(batch_last(pos), batch_last(neg), batch_last(flat_rhs), batch_last(inv_r0))).movedim(-1, 0)
+    return solution.reshape(*batch, n, S, K)
 
 
 def block_toeplitz_matvec(lags: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -1,30 +1,40 @@
-"""Package a supervised run as the embedded default model (how marsctl/pretrained/ was made).
+"""Package a supervised (or RL) run as the embedded default model (how marsctl/pretrained/ was made).
 
-    python -m marsctl.pretrained.package RUN_DIR DATASET_DIR [--examples 2]
+    python -m marsctl.pretrained.package RUN_DIR DATASET_DIR [--encoder ALIGNED_ENCODER_DIR]
 
-1. copies the run's best model (``config.json``, ``model.safetensors``) into
+1. copies the run's model (``config.json``, ``model.safetensors``) into
    ``marsctl/pretrained/separator/`` and saves its query encoder beside it in ``encoder/``
-   (so the default does not change if the built-in encoder's defaults do);
-2. evaluates it on every fixed ``test`` mixture of the dataset (held-out melodies), with
-   the unprocessed mixture and the ideal-ratio-mask oracle as references;
-3. writes the model card (``README.md``) with the training recipe and those numbers, and
-   the evaluation report beside it (``evaluation.md``);
-4. copies a few test mixtures to ``marsctl/pretrained/examples/`` to try it on, and their
-   sources (as in the mix, named like ``marsctl separate`` names its outputs) and the mixture
-   to ``example_references/<example>/``, so ``marsctl eval`` can score the README's demo,
-   and ``examples/queries.csv`` (each example with each of its instruments).
+   (so the default does not change if the built-in encoder's defaults do). ``--encoder`` ships
+   an aligned encoder instead (audio queries, the RL reward); it must give the same text
+   embeddings as the encoder the separator was trained with (``marsctl align`` with
+   ``freeze_text``), checked on every training label;
+2. evaluates it on every fixed ``test`` mixture of the dataset (held-out recording groups and
+   melodies), with the unprocessed mixture and the ideal-ratio-mask oracle as references, with
+   text queries and, when the shipped encoder is aligned, audio queries; a union dataset's scores
+   are broken down by pair kind and soundfont (:func:`marsctl.data.union.source_groups`);
+3. writes the model card (``README.md``) with the training recipe and those numbers, and the
+   evaluation report beside it (``evaluation.md``, ``evaluation.json``);
+4. copies, per pair kind (instrument pairs, everyday pairs, one of each; classes not repeated), the
+   first test mixture the model separates with positive SI-SDRi for every source (demos, said so in
+   ``examples.json``; the card gives the averages over all) to ``marsctl/pretrained/examples/``, and their sources (as
+   in the mix, named like ``marsctl separate`` names its outputs) and the mixture to
+   ``example_references/<example>/``, so ``marsctl eval`` can score the README's demo, and
+   ``examples/queries.csv`` (each example with each of its sources' labels).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from marsctl.audio import load_audio, save_audio
+from marsctl.errors import MarsctlError
 from marsctl.eval.model import evaluate_separator, summarize
 from marsctl.eval.tables import markdown_table
 from marsctl.files import write_json_atomic, write_text_atomic
@@ -33,45 +43,70 @@ from marsctl.models.separator import load_separator
 from marsctl.pretrained import DEFAULT_SEPARATOR_DIR, EXAMPLE_REFERENCES_DIR, EXAMPLES_DIR
 from marsctl.separate import Query
 
+#: the shipped encoder's text embeddings may differ from the training encoder's by at most this (max abs)
+TEXT_EMBEDDING_TOLERANCE = 1e-4
 
-def package(run_dir: Path, dataset_dir: Path, num_examples: int = 2) -> dict:
-    run = load_separator(run_dir)
-    training = run.config.get("training", {})
-    target = DEFAULT_SEPARATOR_DIR
-    target.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(run_dir / "model.safetensors", target / "model.safetensors")
-    encoder = load_encoder(run.encoder)
-    save_encoder(encoder, target / "encoder", card_extra="Query encoder of the embedded default separator (marsctl/pretrained).")
-    config = dict(run.config)
-    config["encoder"] = "encoder"
-    if not config.get("labels"):  # the classes it knows: `separate` notes queries far from all of them
-        from marsctl.data.manifest import load_clips
 
-        clips = load_clips(dataset_dir).to_pandas()
-        config["labels"] = sorted(set(clips.loc[clips["keep"] & (clips["split"] == "train"), "label"]))
-    write_json_atomic(target / "config.json", config)
+def check_same_text_space(trained_with, shipped, labels: list[str], where: str) -> None:
+    """Refuse to ship an encoder whose text queries differ from those the separator learned from."""
+    with torch.no_grad():
+        difference = float((trained_with.embed_text(labels) - shipped.embed_text(labels)).abs().max())
+    if difference > TEXT_EMBEDDING_TOLERANCE:
+        raise MarsctlError(f"{where}: its text embeddings differ from the training encoder's by {difference:.3g} "
+                           "(align with freeze_text: true to keep the separator's text space)")
 
-    model = load_separator(target)
-    encoder = load_encoder(model.encoder)
-    rows = evaluate_separator(model, encoder, dataset_dir, query_modalities=("text",), split="test")
-    overall, per_class = summarize(rows), summarize(rows, by_label=True)
-    write_json_atomic(target / "evaluation.json", {"data": str(dataset_dir), "split": "test", "overall": overall, "per_class": per_class})
-    write_text_atomic(target / "evaluation.md", "# Default separator on held-out soundfont melodies\n\n" + markdown_table(overall) + "\n## Per class\n\n" + markdown_table(per_class))
-    model_row = next(e for e in overall if e["system"] == "model")
-    oracle_row = next(e for e in overall if e["system"] == "oracle-irm")
 
+def breakdown_rows(rows: list[dict], groups: dict) -> list[dict]:
+    """Mean ± SE of SI-SDRi per (system, query modality, group) with the union's pair kinds and soundfonts."""
+    buckets: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    for row in rows:
+        group = groups.get((row["mixture_id"], row["label"]))
+        value = row["si_sdri"]
+        if group is None or not math.isfinite(value):
+            continue
+        key = (row["system"], row["query_modality"])
+        buckets[(*key, f"{group['pair_kind'] or 'unpaired'} pairs")].append(value)
+        if group["soundfont"]:
+            buckets[(*key, f"soundfont {group['soundfont']}")].append(value)
+    out = []
+    for (system, modality, group), values in sorted(buckets.items()):
+        mean = sum(values) / len(values)
+        se = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) if len(values) > 1 else float("nan")
+        out.append({"system": system, "query_modality": modality, "group": group, "n": len(values), "si_sdri_mean": mean, "si_sdri_se": se})
+    return out
+
+
+def choose_examples(dataset_dir: Path, rows: list[dict]) -> list[dict]:
+    """Per pair kind, the first fixed test mixture (by mixture id) that the model, with text queries,
+    separates with positive SI-SDRi for every source; classes not repeated across examples. These are
+    demos that show what the model does when it works: the averages over all test mixtures are the
+    card's, and examples.json says how the examples were chosen."""
     from marsctl.data.manifest import load_mixtures
+    from marsctl.data.union import mixture_pair_kind
 
-    EXAMPLES_DIR.mkdir(parents=True, exist_ok=True)
-    table = load_mixtures(dataset_dir, split="test")
-    chosen, seen = [], set()
-    for i in range(len(table)):
-        labels = tuple(table[i]["source_labels"])
-        if not seen.intersection(labels):
-            chosen.append(table[i])
-            seen.update(labels)
-        if len(chosen) == num_examples:
-            break
+    gains: dict[str, list[float]] = defaultdict(list)
+    for row in rows:
+        if row["system"] == "model" and row["query_modality"] == "text":
+            gains[row["mixture_id"]].append(row["si_sdri"])
+    table = sorted(load_mixtures(dataset_dir, split="test"), key=lambda row: row["mixture_id"])
+    chosen, kinds, seen = [], set(), set()
+    for row in table:
+        kind = mixture_pair_kind(row)
+        separated = gains.get(row["mixture_id"]) and all(math.isfinite(g) and g > 0 for g in gains[row["mixture_id"]])
+        if kind not in kinds and separated and not seen.intersection(row["source_labels"]):
+            chosen.append(row)
+            kinds.add(kind)
+            seen.update(row["source_labels"])
+    return chosen
+
+
+def write_examples(dataset_dir: Path, chosen: list[dict]) -> list[dict]:
+    from marsctl.data.union import mixture_pair_kind
+
+    for folder in (EXAMPLES_DIR, EXAMPLE_REFERENCES_DIR):
+        if folder.is_dir():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
     examples = []
     for row in chosen:
         name = "+".join(label.replace(" ", "-") for label in row["source_labels"])
@@ -81,72 +116,142 @@ def package(run_dir: Path, dataset_dir: Path, num_examples: int = 2) -> dict:
         for label, source in zip(row["source_labels"], row["source_paths"]):
             # named like the outputs of `marsctl separate -q LABEL`, so `marsctl eval` pairs them
             save_audio(EXAMPLE_REFERENCES_DIR / name / f"{Query(texts=(label,)).slug()}.flac", load_audio(dataset_dir / source, None), 16_000)
-        examples.append({"file": f"{name}.flac", "mixture_id": row["mixture_id"], "labels": list(row["source_labels"])})
+        examples.append({"file": f"{name}.flac", "mixture_id": row["mixture_id"], "labels": list(row["source_labels"]),
+                         "pair_kind": mixture_pair_kind(row),
+                         "chosen_by": "the first test mixture of its pair kind that the model separates with positive "
+                                      "SI-SDRi for every source (a demo; averages over all test mixtures: the model card)"})
     write_json_atomic(EXAMPLES_DIR / "examples.json", examples)
-    write_text_atomic(
-        EXAMPLES_DIR / "queries.csv",
-        "path,query\n" + "".join(f"{e['file']},{label}\n" for e in examples for label in e["labels"]),
-    )
+    write_text_atomic(EXAMPLES_DIR / "queries.csv", "path,query\n" + "".join(f"{e['file']},{label}\n" for e in examples for label in e["labels"]))
+    return examples
+
+
+def package(run_dir: Path, dataset_dir: Path, encoder_dir: Path | None = None) -> dict:
+    from marsctl.data.manifest import load_clips
+    from marsctl.data.union import source_groups
+
+    run = load_separator(run_dir)
+    training = run.config.get("training", {})
+    clips = load_clips(dataset_dir).to_pandas()
+    labels = sorted(set(clips.loc[clips["keep"] & (clips["split"] == "train"), "label"]))
+    trained_with = load_encoder(run.encoder)
+    encoder = trained_with
+    aligned = None
+    if encoder_dir is not None:
+        encoder = load_encoder(encoder_dir)
+        check_same_text_space(trained_with, encoder, labels, str(encoder_dir))
+        metrics_path = Path(encoder_dir).parent / "metrics.json"
+        aligned = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    target = DEFAULT_SEPARATOR_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run_dir / "model.safetensors", target / "model.safetensors")
+    if (target / "encoder").is_dir():
+        shutil.rmtree(target / "encoder")
+    save_encoder(encoder, target / "encoder", card_extra="Query encoder of the embedded default separator (marsctl/pretrained).")
+    config = dict(run.config)
+    config["encoder"] = "encoder"
+    config["labels"] = labels  # the classes it knows: `separate` notes queries far from all of them
+    write_json_atomic(target / "config.json", config)
+
+    model = load_separator(target)
+    encoder = load_encoder(model.encoder)
+    modalities = ("text", "audio") if aligned is not None else ("text",)
+    rows = evaluate_separator(model, encoder, dataset_dir, query_modalities=modalities, split="test", skip_missing_queries=True)
+    overall, per_class = summarize(rows), summarize(rows, by_label=True)
+    groups = breakdown_rows(rows, source_groups(dataset_dir, "test"))
+    write_json_atomic(target / "evaluation.json", {"data": str(dataset_dir), "split": "test", "overall": overall,
+                                                   "by_group": groups, "per_class": per_class})
+    write_text_atomic(target / "evaluation.md", "# Default separator on the held-out test mixtures\n\n" + markdown_table(overall)
+                      + "\n## Per class\n\n" + markdown_table(per_class))
+    examples = write_examples(dataset_dir, choose_examples(dataset_dir, rows))
 
     history = json.loads((run_dir / "history.json").read_text()) if (run_dir / "history.json").is_file() else []
     log_every = training.get("log_every", 1)
     train_minutes = sum(h.get("step_time_s", 0.0) for h in history) * log_every / 60
     n_params = sum(p.numel() for p in model.model.parameters())
     size_mb = (target / "model.safetensors").stat().st_size / 1e6
-    card = f"""# marsctl default separator (soundfont-small)
+    write_text_atomic(target / "README.md", model_card(model, training, overall, groups, per_class, labels, aligned,
+                                                       dataset_dir, n_params, size_mb, train_minutes))
+    return {"overall": overall, "by_group": groups, "examples": examples, "params": n_params, "size_mb": size_mb}
 
-The separator `marsctl separate` uses when no `--model` is given. A query-conditioned mask
-separator (7-level U-Net on the log-frequency magnitude, {n_params / 1e6:.2f} M parameters,
-{size_mb:.1f} MB) with a Beta mask policy (kappa {model.model.config.kappa}), conditioned on the
-built-in offline encoder's text embeddings (packaged all-MiniLM-L6-v2; saved in `encoder/`).
+
+def _cell(mean: float, se: float) -> str:
+    return f"{mean:.2f} ± {se:.2f}" if math.isfinite(se) else f"{mean:.2f}"
+
+
+def model_card(model, training: dict, overall: list[dict], groups: list[dict], per_class: list[dict], labels: list[str],
+               aligned: dict | None, dataset_dir: Path, n_params: int, size_mb: float, train_minutes: float) -> str:
+    description = json.loads((dataset_dir / "dataset.json").read_text()).get("description", "") if (dataset_dir / "dataset.json").is_file() else ""
+    systems = sorted({(g["system"], g["query_modality"]) for g in groups})
+    names = sorted({g["group"] for g in groups}, key=lambda n: (n.startswith("soundfont"), n))
+    by = {(g["system"], g["query_modality"], g["group"]): g for g in groups}
+    head = "| system | query | " + " | ".join(names) + " |\n|---|---|" + "---:|" * len(names) + "\n"
+    table = head + "\n".join(
+        f"| {system} | {modality} | " + " | ".join(_cell(by[(system, modality, n)]["si_sdri_mean"], by[(system, modality, n)]["si_sdri_se"])
+                                                  if (system, modality, n) in by else "" for n in names) + " |"
+        for system, modality in systems)
+    model_entries = [e for e in per_class if e["system"] == "model" and e["query_modality"] == "text"]
+    class_lines = "\n".join(f"| {e['label']} | {e['n']} | {_cell(e['si_sdri_mean'], e['si_sdri_se'] or float('nan'))} |" for e in model_entries)
+    alignment = "not aligned (the audio tower is untrained: audio queries and the reward carry no class information)"
+    if aligned:
+        stages = aligned.get("stages", {})
+        parts = [f"stage {k}: text->audio R@1 {v['report'].get('text_to_audio_R@1', float('nan')):.2f}, "
+                 f"audio->text R@1 {v['report'].get('audio_to_text_R@1', float('nan')):.2f}" for k, v in stages.items()]
+        alignment = ("aligned by `marsctl align` with the text side frozen (" + "; ".join(parts)
+                     + f", on {next(iter(stages.values()))['report'].get('classes', '?')} classes of held-out test clips)" if stages else "aligned")
+    start = training.get("init_model") or ""
+    return f"""# marsctl default separator
+
+The separator `marsctl separate` uses when no `--model` is given: a query-conditioned mask separator
+(7-level U-Net on the log-frequency magnitude, {n_params / 1e6:.2f} M parameters, {size_mb:.1f} MB) with a Beta
+mask policy (kappa {model.model.config.kappa}), conditioned on the built-in offline encoder (packaged
+all-MiniLM-L6-v2 text tower; saved in `encoder/`). Encoder: {alignment}.
 
 ## How it was trained
 
-- data: `marsctl data build soundfont` (recipes/data/soundfont.yaml): 10 MUSIC instrument classes
-  ({', '.join(sorted(set(r['label'] for r in rows)))}) rendered with FluidR3_GM from music21
-  folk-song melodies; train/val/test melodies are disjoint; two-source OmniSep mixtures (each /2).
-- recipe: `recipes/train/soundfont-small.yaml`, command
-  `marsctl train sup --recipe recipes/train/soundfont-small.yaml --data data/soundfont --out runs/soundfont-small`
-- {training.get('step')} steps of batch {training.get('batch_size')} on CPU (about {train_minutes:.0f} min of training steps,
-  one thread on a shared 2-core machine), AdamW lr {training.get('learning_rate')}
-  (warmup {training.get('warmup_steps')}, cosine), OmniSep weighted-BCE mask loss, text queries (the class name);
-  best validation SI-SDRi {training.get('best_val_si_sdri_db', float('nan')):.2f} dB on {training.get('val_mixtures')} fixed val mixtures.
-- packaged by `python -m marsctl.pretrained.package RUN_DIR DATASET_DIR`.
+- data: `{training.get('data')}`: {description}
+  {len(labels)} classes (the list is `labels` in `config.json`; `separate` warns about queries far from all of them).
+- recipe: `recipes/train/union-small.yaml` (`marsctl train sup --recipe union-small --data data/union`){f', warm-started from `{Path(start).name}` (the previous default, 10 instruments)' if start else ''}
+- {training.get('step')} steps of batch {training.get('batch_size')} on a shared 2-core CPU (about {train_minutes:.0f} min of
+  training steps), AdamW lr {training.get('learning_rate')} (warmup {training.get('warmup_steps')}, cosine), OmniSep weighted-BCE mask
+  loss, text queries (the class name); best validation SI-SDRi {training.get('best_val_si_sdri_db', float('nan')):.2f} dB on
+  {training.get('val_mixtures')} fixed validation mixtures.
+- packaged by `python -m marsctl.pretrained.package RUN_DIR DATASET_DIR --encoder ALIGNED_ENCODER`.
 
-## Held-out melodies (fixed test mixtures, {model_row['n']} sources, text queries)
+## Held-out test mixtures (SI-SDRi, dB, mean ± standard error over sources)
 
-| system | SI-SDRi (dB) | SDR (dB) | SIR (dB) | SAR (dB) |
-|---|---|---|---|---|
-""" + "\n".join(
-        f"| {e['system']} | {e['si_sdri_mean']:.2f} ± {e['si_sdri_se']:.2f} | {e['sdr_mean']:.2f} ± {e['sdr_se']:.2f} | {e['sir_mean']:.2f} | {e['sar_mean']:.2f} |"
-        for e in overall
-    ) + f"""
+Test clips come from recording groups (everyday sounds) and melodies (instruments) that no
+training or validation clip shares. Pair kinds: two instruments, two everyday sounds, or one of
+each; instrument sources are also split by the soundfont that rendered them.
 
-Mean ± standard error over the {model_row['n']} sources of the dataset's {model_row['n'] // 2} fixed test mixtures.
-Per class: `evaluation.md`. The ideal ratio mask shows the ceiling of a mixture-phase mask
-separator on these mixtures ({oracle_row['si_sdri_mean']:.2f} dB). The mixture row's SAR is not
-meaningful (the mixture lies in the span of the references). `evaluation.md` also lists a CLAP
-score, computed with this model's own encoder, whose audio tower is untrained: it carries no
-information here.
+{table}
+
+The mixture row is 0 by definition; the ideal ratio mask (oracle-irm) is the ceiling of a
+mixture-phase mask separator. All metrics (SDR/SIR/SAR/SI-SDR, the encoder score) and per-class
+rows with every system: `evaluation.md`. The encoder score there is computed with this model's
+own encoder, not an independent judge.
+
+## Per class (model, text query)
+
+| class | n | SI-SDRi (dB) |
+|---|---:|---:|
+{class_lines}
 
 ## Limits
 
-Small and trained on synthetic instrument renderings only: it knows these 10 instruments
-(query by their names) and will do little on other sounds; audio and image queries need an
-encoder aligned by `marsctl align`. Train your own with `marsctl train sup`.
+Small (CPU-trained) and trained on a small offline corpus: {len(labels)} classes, a few recording
+groups each. Queries outside these classes get a warning and little separation; train your
+own with `marsctl data build` + `marsctl train sup`, starting from this model (`--init-model default`).
 """
-    write_text_atomic(target / "README.md", card)
-    return {"overall": overall, "examples": examples, "params": n_params, "size_mb": size_mb}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("dataset_dir", type=Path)
-    parser.add_argument("--examples", type=int, default=2)
+    parser.add_argument("--encoder", type=Path, help="an aligned encoder to ship (same text space as the run's)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    result = package(args.run_dir, args.dataset_dir, args.examples)
+    result = package(args.run_dir, args.dataset_dir, args.encoder)
     print(json.dumps({k: v for k, v in result.items() if k != "overall"}, indent=2))
     print(markdown_table(result["overall"]))
 

@@ -36,10 +36,20 @@ class RLConfig(TrainingLoopConfig):
 
     #: the starting separator (a ``marsctl train sup`` run directory or Hub id); also pi_ref
     init_model: str = ""
+    #: per-file queries (CSV/TSV/JSON, the format of ``marsctl separate --queries``): ``data`` is
+    #: then a plain folder of mixtures, fine-tuned with reference-free reward terms only
+    #: (:mod:`marsctl.rl.folder_data`); empty = ``data`` is a ``marsctl data build`` dataset
+    queries: str = ""
     #: query encoder spec; empty = the one the starting separator was trained with
     encoder: str = ""
     #: frozen reward encoder spec (an aligned encoder directory); empty = the query encoder
     reward_encoder: str = ""
+    #: an independent judge encoder (any encoder spec: an aligned encoder directory, builtin,
+    #: laion-clap:NAME, a Hub id); empty = none. When set, each validation also logs
+    #: ``val_judge_score`` (mean 100 x cos(label text, mode-mask estimate audio) by the judge)
+    #: beside ``val_reward``, and warns when the reward rose while the judge's score fell
+    #: (marsctl.rl.judge.reward_hacking_warning). Refused when it has the reward encoder's weights.
+    judge: str = ""
     batch_size: int = 4
     #: G: masks sampled per mixture from one forward pass
     group_size: int = 8
@@ -97,7 +107,7 @@ class RLConfig(TrainingLoopConfig):
 
 
 #: settings that name files or folders (relative ones in a recipe are looked up next to it first)
-PATH_KEYS = ("init_model", "data", "encoder", "reward_encoder")
+PATH_KEYS = ("init_model", "data", "encoder", "reward_encoder", "judge", "queries")
 
 
 def load_rl_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RLConfig:

@@ -173,26 +173,23 @@ def rollout(
 
 
 @torch.no_grad()
-def validation_reward(
-    model: Separator, mixtures, queries: QueryBuilder, reward_model: RewardModel, group_size: int, device: torch.device,
-    seed: int = 0, kappa: float | None = None,
-) -> dict[str, float]:
-    """Mean reward of the current policy (concentration ``kappa``, default the model's) on fixed
-    mixtures (every source a target with its text query, ``group_size`` seeded samples each): the
-    RL objective on data it never trains on."""
+def mean_policy_reward(model: Separator, items, reward_model: RewardModel, group_size: int, device: torch.device,
+                       seed: int = 0, kappa: float | None = None) -> dict[str, float]:
+    """Mean reward and reward terms (and each term's std) of the current policy (concentration
+    ``kappa``, default the model's) over ``items`` of ``(mixture [T] array, queries [S, D], labels,
+    targets [S, T] array or None)``: every query scored with ``group_size`` seeded samples."""
     kappa = model.config.kappa if kappa is None else kappa
     totals: list[torch.Tensor] = []
     terms: dict[str, list[torch.Tensor]] = {}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for fixed in mixtures:
-            count = len(fixed.labels)
-            mixture = torch.from_numpy(fixed.mixture).to(device)[None].expand(count, -1)  # [S, T]: one row per target
-            text = queries.text(fixed.labels).to(device)  # [S, D]
+        for mixture, query, labels, targets in items:
+            mixture = torch.from_numpy(mixture).to(device)[None].expand(len(labels), -1)  # [S, T]: one row per query
+            query = query.to(device)  # [S, D]
             stft, _, log_magnitude = model.analyze(mixture)
-            policy = BetaMaskPolicy.from_logits(model.logits(model.features(log_magnitude), text), kappa)
-            targets = torch.from_numpy(fixed.sources).to(device)
-            samples = rollout(model, policy, stft, mixture, group_size, reward_model, fixed.labels, text, targets, all_terms=True)
+            policy = BetaMaskPolicy.from_logits(model.logits(model.features(log_magnitude), query), kappa)
+            targets = torch.from_numpy(targets).to(device) if targets is not None else None
+            samples = rollout(model, policy, stft, mixture, group_size, reward_model, list(labels), query, targets, all_terms=True)
             totals.append(samples.rewards.flatten())
             for name, value in samples.terms.items():
                 terms.setdefault(name, []).append(value.flatten())
@@ -200,3 +197,13 @@ def validation_reward(
         return {}
     return {"reward": float(torch.cat(totals).mean()), **{f"reward/{k}": float(torch.cat(v).mean()) for k, v in terms.items()},
             **{f"reward_std/{k}": float(torch.cat(v).std()) for k, v in terms.items()}}
+
+
+def validation_reward(
+    model: Separator, mixtures, queries: QueryBuilder, reward_model: RewardModel, group_size: int, device: torch.device,
+    seed: int = 0, kappa: float | None = None,
+) -> dict[str, float]:
+    """Mean reward of the current policy on fixed mixtures (every source a target with its text
+    query): the RL objective on data it never trains on (:func:`mean_policy_reward`)."""
+    items = ((fixed.mixture, queries.text(fixed.labels), fixed.labels, fixed.sources) for fixed in mixtures)
+    return mean_policy_reward(model, items, reward_model, group_size, device, seed, kappa)

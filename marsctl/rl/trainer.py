@@ -37,6 +37,7 @@ from marsctl.models.separator import Separator, load_separator, save_separator
 from marsctl.queries import QueryBuilder
 from marsctl.rl.advantages import MovingAverageBaseline, zero_spread_fraction
 from marsctl.rl.config import ESTIMATOR_SUMMARY, RESUME_KEYS, RLConfig, load_rl_config
+from marsctl.rl.judge import RLJudge
 from marsctl.rl.rewards import reward_functions
 from marsctl.rl.rollout import RewardModel, validation_reward
 from marsctl.rl.update import rl_update
@@ -64,8 +65,9 @@ class RLTask:
     artifact = "latest"
 
     def __init__(self, config: RLConfig, model: Separator, reference: Separator, encoder: QueryEncoder, encoder_spec: str,
-                 reward_model: RewardModel, dataset_dir: Path, ctx: DistributedContext):
+                 reward_model: RewardModel, dataset_dir: Path, ctx: DistributedContext, judge: RLJudge | None = None):
         self.config, self.model, self.reference, self.ctx = config, model, reference, ctx
+        self.judge, self.step = judge, 0  # the independent judge of validations (config.judge), the latest step
         self.encoder_spec, self.reward_model = encoder_spec, reward_model
         self.signal = model.config.signal
         #: the policy's Beta concentration (a policy setting: the loaded architecture is not edited)
@@ -78,20 +80,14 @@ class RLTask:
     def train_step(self, step: int, batch: dict[str, Any], train_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    log: bool) -> dict[str, Any]:
         config, ctx = self.config, self.ctx
-        started = time.perf_counter()
+        started, self.step = time.perf_counter(), step
         generator = torch.Generator().manual_seed(step_seed(config.seed, step, ctx.rank, 0, ctx.world_size))
-        all_queries = self.queries.batch(batch, generator)  # [B, S, D]
-        num_items, num_sources = all_queries.shape[:2]
-        target_index = torch.randint(num_sources, (num_items,), generator=generator)  # which source each mixture targets
-        rows = torch.arange(num_items)
-        query = all_queries[rows, target_index].to(ctx.device)  # q_b [B, D]
-        target = batch["sources"][rows, target_index].to(ctx.device)  # [B, T], as in the mix
-        labels = [item[int(i)] for item, i in zip(batch["labels"], target_index)]
-        mixture = batch["mixture"].to(ctx.device)  # x_b [B, T]
+        mixture, query, target, labels = self.step_inputs(batch, generator)
         update = rl_update(
             self.model, train_model, self.reference, self.reward_model, optimizer, config, mixture, query,
             target, labels, sample_seed=step_seed(config.seed, step, ctx.rank, 1, ctx.world_size), device=ctx.device,
             use_bf16=self.use_bf16, baseline=self.baseline, all_reduce_mean=ctx.all_reduce_mean, kappa=self.kappa,
+            diagnostics=log,  # the score-function's after-update forward pass, for logged steps only
         )
         samples, advantages, epoch_stats = update.samples, update.advantages, update.epoch_stats
         self.anchor_source = samples.anchor_source or self.anchor_source
@@ -120,11 +116,27 @@ class RLTask:
             record["baseline"] = self.baseline.value
         return record
 
+    def step_inputs(self, batch: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[str]]:
+        """x_b ``[B, T]``, q_b ``[B, D]``, the target ``[B, T]`` (None without references) and the labels of
+        a step's B mixtures, drawing from ``generator`` (the step's stream 0)."""
+        device = self.ctx.device
+        all_queries = self.queries.batch(batch, generator)  # [B, S, D]
+        num_items, num_sources = all_queries.shape[:2]
+        target_index = torch.randint(num_sources, (num_items,), generator=generator)  # which source each mixture targets
+        rows = torch.arange(num_items)
+        query = all_queries[rows, target_index].to(device)  # q_b [B, D]
+        target = batch["sources"][rows, target_index].to(device)  # [B, T], as in the mix
+        labels = [item[int(i)] for item, i in zip(batch["labels"], target_index)]
+        return batch["mixture"].to(device), query, target, labels  # x_b [B, T]
+
     def validate(self, val_set: list) -> dict[str, float]:
         metrics = validation_si_sdri(self.model, val_set, self.queries, self.ctx.device)
         rewards = validation_reward(self.model, val_set, self.queries, self.reward_model, self.config.group_size, self.ctx.device,
                                     self.config.seed, kappa=self.kappa)
-        return {"val_si_sdri": metrics["si_sdri"], **{f"val_{k}": v for k, v in rewards.items()}}
+        out = {"val_si_sdri": metrics["si_sdri"], **{f"val_{k}": v for k, v in rewards.items()}}
+        if self.judge is not None:  # val_judge_score beside val_reward, and the reward-hacking flag
+            out.update(self.judge.validate(self.model, val_set, self.queries, self.ctx.device, self.step, out))
+        return out
 
     def save_artifact(self, directory: Path, step: int, scores: Scores) -> None:
         config = self.config
@@ -133,14 +145,21 @@ class RLTask:
             "separator": {**to_mapping(self.model.config), "kappa": self.kappa},
             "training": {"stage": "rl", **to_mapping(config), "encoder": self.encoder_spec, "step": step, "last_val_si_sdri_db": scores.last},
         }
-        save_separator(self.model, directory, encoder=self.encoder_spec, extra=extra, card=_model_card(config, step, scores.last, self.anchor_source))
+        save_separator(self.model, directory, encoder=self.encoder_spec, extra=extra, card=self.card(step, scores))
+
+    def card(self, step: int, scores: Scores) -> str:
+        """The model card (README.md) of the artifact at ``step``."""
+        return _model_card(self.config, step, scores.last, self.anchor_source)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"baseline": self.baseline.state_dict() if self.baseline is not None else None}
+        return {"baseline": self.baseline.state_dict() if self.baseline is not None else None,
+                "judge": self.judge.state_dict() if self.judge is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.baseline is not None and state.get("baseline") is not None:
             self.baseline.load_state_dict(state["baseline"])
+        if self.judge is not None:
+            self.judge.load_state_dict(state.get("judge"), state.get("history", []))
 
     def status(self, record: dict[str, Any], scores: Scores) -> str | None:
         if "reward_mean" not in record:
@@ -183,12 +202,22 @@ def train_rl(
     """Fine-tune ``config.init_model`` with RL into ``run_dir`` (resuming from its latest checkpoint)."""
     ctx = DistributedContext.from_env(device)
     say = (log or (lambda message: None)) if ctx.is_main else (lambda message: None)
-    dataset_dir = require_dataset(config.data)
+    if config.queries:  # a plain folder of mixtures: reference-free reward terms only, checked before anything loads
+        from marsctl.rl.folder_data import check_folder_config, folder_task
+
+        check_folder_config(config)
+    dataset_dir = Path(config.data) if config.queries else require_dataset(config.data)
     if not config.init_model:
         raise MarsctlError("train rl needs a starting separator: --init-model (a 'marsctl train sup' run directory)")
     start = load_separator(config.init_model, device=ctx.device)
     model = start.model
     reference = load_separator(config.init_model, device=ctx.device).model.eval().requires_grad_(False)  # pi_ref, frozen
+    if not config.queries:
+        from marsctl.data.manifest import CLIPS_MANIFEST
+
+        if not (dataset_dir / CLIPS_MANIFEST).is_file():
+            raise MarsctlError(f"{dataset_dir}: not a 'marsctl data build' dataset (no {CLIPS_MANIFEST}); "
+                               "for a plain folder of mixtures, give --queries FILE")
     encoder_spec = config.encoder or start.encoder
     if encoder is None:
         from marsctl.models.encoders import load_encoder
@@ -206,10 +235,14 @@ def train_rl(
             reward_encoder = encoder
     reward_model = RewardModel(reward_encoder, reward_functions(config.rewards), model.config.signal,
                                same_space_as_queries=reward_encoder is encoder, segments=config.rewards.segments, config=config.rewards)
-    if getattr(reward_encoder, "anchor_fusion", None) is None:
+    if getattr(reward_encoder, "anchor_fusion", None) is None and not config.queries:  # a folder has no semantic_anchor
         say("reward encoder has no anchor module (not aligned): semantic_anchor uses the query as z*")
     torch.manual_seed(config.seed + ctx.rank)
     model.eval()  # BatchNorm in inference mode: the optimized policy is the deployed one (see the docstring)
-    task = RLTask(config, model, reference, encoder, encoder_spec, reward_model, dataset_dir, ctx)
+    judge = RLJudge.load(config.judge, reward_encoder, model.config.signal.sample_rate, ctx.device, say) if config.judge else None
+    if config.queries:
+        task = folder_task(config, model, reference, encoder, encoder_spec, reward_encoder, ctx, say)
+    else:
+        task = RLTask(config, model, reference, encoder, encoder_spec, reward_model, dataset_dir, ctx, judge=judge)
     result = run_training(task, config, run_dir, ctx, resume=resume, progress=progress, on_step_end=on_step_end, log=say)
     return RLResult(model=model, run_dir=Path(run_dir), step=result.step, history=result.history)

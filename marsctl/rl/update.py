@@ -11,7 +11,7 @@
         L = -mean min(r A, clip(r, 1 +- eps) A) - lambda_H H(pi_theta) + lambda_KL KL(pi_theta || pi_ref)
         theta <- AdamW(theta, clip(grad L, max_norm))
     r_after = mean_{f,t} pi_theta'(M) / pi_old(M)          diagnostics of the updated policy (one more
-                                                          forward pass, no gradient): clip fraction, KL
+                                                          forward pass, no gradient, on logged steps): clip fraction, KL
 
 ``pathwise`` (an extension: the same objective E_{M ~ pi_theta}[R(M)], another gradient)::
 
@@ -42,7 +42,8 @@ class UpdateResult:
     #: policy-loss diagnostics of each PPO epoch (+ grad_norm)
     epoch_stats: list[dict[str, float]]
     #: score_function: the ratio diagnostics of the updated policy on this step's samples (with
-    #: --ppo-epochs 1 the epochs' own are at sampling time, where every ratio is 1); pathwise: none
+    #: --ppo-epochs 1 the epochs' own are at sampling time, where every ratio is 1); pathwise, or
+    #: ``diagnostics=False``: none
     after_update: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
@@ -64,22 +65,33 @@ def rl_update(
     all_reduce_mean: Callable[[float], float] = lambda value: value,
     timer: PhaseTimer | None = None,
     kappa: float | None = None,
+    diagnostics: bool = True,
 ) -> UpdateResult:
     """One RL step on B mixtures (the module docstring, without the LR schedule).
 
     ``train_model`` is ``model`` or its DDP wrapper; ``kappa`` is the policy's concentration
     (default: the model's); the masks are drawn from a generator seeded by ``sample_seed`` (a pure
-    function of the step: exact resume). ``timer`` (benchmarks) records the seconds of each phase."""
+    function of the step: exact resume). ``timer`` (benchmarks) records the seconds of each phase.
+    ``diagnostics=False`` skips the score-function estimator's extra forward pass after the update
+    (``after_update`` stays empty; the trainer asks for it on logged steps only)."""
     timer = timer or PhaseTimer(device, enabled=False)
     kappa = model.config.kappa if kappa is None else kappa
+
+    with torch.no_grad(), timer("analysis"):
+        # X_b and log|X_b|~, once per step: the policy, the reference and the re-forwards of later
+        # epochs all read the same mixtures
+        mixture_stft, _, log_magnitude = model.analyze(mixture)
 
     def forward_policy(separator: Separator, forward: torch.nn.Module) -> BetaMaskPolicy:
         # z = f_theta(x, q); pi_theta: alpha = 1 + kappa sigmoid(z), beta = 1 + kappa (1 - sigmoid(z))
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            return BetaMaskPolicy.from_logits(forward(mixture, query), kappa)
+            if forward is separator and separator.config.signal == model.config.signal:  # Separator.forward, analysis done
+                logits = separator.logits(separator.features(log_magnitude), query)
+            else:  # a DDP wrapper: only its forward() synchronizes the gradients
+                logits = forward(mixture, query)
+            return BetaMaskPolicy.from_logits(logits, kappa)
 
     with torch.no_grad(), timer("reference_forward"):
-        mixture_stft, _, _ = model.analyze(mixture)  # X_b
         reference_policy = forward_policy(reference, reference) if config.kl_coef != 0 else None  # pi_ref (none when lambda_KL = 0)
     with timer("policy_forward"):
         policy = forward_policy(model, train_model)  # pi_theta: one forward pass per mixture
@@ -110,6 +122,8 @@ def rl_update(
                 config.entropy_coef, config.kl_coef, old_log_prob=old_log_prob, surrogate=config.surrogate,
             )
             epoch_stats.append({**out.stats, "grad_norm": apply_gradient(model, optimizer, out.loss, config.grad_clip_norm)})
+    if not diagnostics:
+        return UpdateResult(samples=samples, advantages=advantages, epoch_stats=epoch_stats)
     with torch.no_grad(), timer("diagnostics"):
         updated = forward_policy(model, model)  # pi_theta' after the K steps (the bare model: no DDP synchronization)
         segments = advantages.shape[-1] if advantages.ndim == 3 else None
@@ -135,19 +149,23 @@ def _pathwise_update(model, train_model, policy, reference_policy, reward_model,
     with torch.random.fork_rng(devices=fork):
         torch.manual_seed(sample_seed)  # one stream for the K epochs' masks (a pure function of the step)
         for epoch in range(config.ppo_epochs):
-            with timer("loss_backward_step"):
-                if epoch > 0:
+            if epoch > 0:
+                with timer("policy_forward"):
                     policy = forward_policy(model, train_model)
+            with timer("sample"):
                 masks = policy.rsample(config.group_size)  # M_g = g(eps_g; alpha(theta), beta(theta))
+            with timer("synthesize"):
                 estimates = model.synthesize(masks, mixture_stft, mixture.shape[-1])  # y_g(theta) = iSTFT(warp^-1(M_g) X)
+            with timer("reward"):
                 start = time.perf_counter()
                 rewards, terms, source = reward_model.score(estimates, mixture, labels, query, target, mixture_power, differentiable=True)
                 reward_seconds = time.perf_counter() - start
+            with timer("loss"):
                 # L = -mean_g R(M_g(theta)) - lambda_H H(pi_theta) + lambda_KL KL(pi_theta || pi_ref)
                 out = pathwise_loss(policy, reference_policy, rewards, config.entropy_coef, config.kl_coef)
+            with timer("backward_step"):
                 epoch_stats.append({**out.stats, "grad_norm": apply_gradient(model, optimizer, out.loss, config.grad_clip_norm)})
-                if epoch == 0:
-                    samples = Rollout(masks=masks.detach(), estimates=estimates.detach(), rewards=rewards.detach(),
-                                      terms={k: v.detach() for k, v in terms.items()}, reward_seconds=reward_seconds, anchor_source=source)
-    timer.seconds["reward"] = timer.seconds.get("reward", 0.0) + samples.reward_seconds
+            if epoch == 0:
+                samples = Rollout(masks=masks.detach(), estimates=estimates.detach(), rewards=rewards.detach(),
+                                  terms={k: v.detach() for k, v in terms.items()}, reward_seconds=reward_seconds, anchor_source=source)
     return UpdateResult(samples=samples, advantages=group_relative_advantages(samples.rewards, config.advantage_eps), epoch_stats=epoch_stats)

@@ -76,6 +76,33 @@ def load_model_and_encoder(model_spec: str | Path | None, encoder_spec: str | No
     return loaded, encoder
 
 
+#: glibc's mallopt parameter for the size from which allocations get their own mapping
+_M_MMAP_THRESHOLD = -3
+#: allocations from this size up are mapped on their own and unmapped when freed
+LARGE_BUFFER_BYTES = 128 * 1024
+
+
+def return_large_buffers_to_the_system() -> bool:
+    """Have every allocation of :data:`LARGE_BUFFER_BYTES` or more mapped on its own, so that
+    freeing it gives the memory straight back to the system (glibc ``mallopt``; returns
+    False, doing nothing, elsewhere).
+
+    By default glibc raises this threshold each time a large block is freed (up to 32 MiB),
+    after which the separator's activations (1-35 MiB tensors at ``--batch-size 8``) come
+    from the heap, whose freed holes are reused only in part: a run then peaks 65-90 MiB
+    above what it holds at any moment (BENCHMARKS.md section 6). The price is page faults on
+    fresh pages for each batch; its cost in speed was within the noise of the shared machine
+    it was measured on. Process-wide; ``marsctl separate`` calls it through
+    :meth:`Separator.prepare` once the text model is released.
+    """
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, LARGE_BUFFER_BYTES))
+    except (OSError, AttributeError):
+        return False
+
+
 def _strings(value: str | os.PathLike | Sequence[str | os.PathLike] | None) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -128,14 +155,16 @@ class Separator:
     def prepare(self, queries: Sequence[Query], release_text_model: bool = False) -> None:
         """Embed the texts (and negative texts) of every query now; with ``release_text_model`` free
         the encoder's text model afterwards (about 100 MiB for the built-in one), after which only
-        these texts can be embedded. ``marsctl separate`` does this to lower its peak memory (about
-        1 GiB for a one-hour file, BENCHMARKS.md section 6). Audio and image queries are read when
-        their files are separated."""
+        these texts can be embedded, and have large buffers given back to the system as soon as
+        they are freed (:func:`return_large_buffers_to_the_system`). ``marsctl separate`` does
+        this to lower its peak memory (BENCHMARKS.md section 6). Audio and image queries are read
+        when their files are separated."""
         with torch.no_grad():
             for texts in dict.fromkeys(group for query in queries for group in (query.texts, query.negative) if group):
                 self.encoder.embed_text(list(texts))
         if release_text_model:
             self.encoder.release_text_model()
+            return_large_buffers_to_the_system()
 
     def embed(self, query: Query) -> torch.Tensor:
         """The fused query vector ``[D]`` the separator is conditioned on."""

@@ -66,7 +66,9 @@ class Scores:
 
 
 class TrainingTask(Protocol):
-    """What a trainer gives the loop."""
+    """What a trainer gives the loop. A task may also define ``training_data(is_main)`` returning
+    (its training Dataset, its validation set, the collate function) to bring its own data instead
+    of the dataset's dynamic mixing (``train rl`` on a plain folder: :mod:`marsctl.rl.folder_data`)."""
 
     #: shown on the progress bar ("train sup")
     title: str
@@ -169,14 +171,20 @@ def _train(task, config, run_dir: Path, ctx: DistributedContext, resume, progres
     if ctx.enabled:
         train_model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
-    dataset = EpochIndexedDataset(mixing_dataset(dataset_dir, "train", task.signal, config.num_sources, seed=config.seed))
+    # a task may bring its own data (train rl on a plain folder): (training Dataset, validation set, collate)
+    own_data = getattr(task, "training_data", None)
+    if own_data is not None:
+        base, val_set, collate_items = own_data(ctx.is_main)
+    else:
+        base, collate_items = mixing_dataset(dataset_dir, "train", task.signal, config.num_sources, seed=config.seed), collate
+        val_set = fixed_mixtures(dataset_dir, config.val_split, task.signal, config.val_mixtures, config.num_sources) if ctx.is_main else []
+    dataset = EpochIndexedDataset(base)
     sampler = StepBatchSampler(len(dataset), config.batch_size, config.seed, start_step, config.max_steps, ctx.rank, ctx.world_size)
     # the loader draws its workers' base seed from its own generator, not from the global RNG (which
     # the checkpoint restores): a resumed run's RNG then goes through exactly the uninterrupted run's draws
     loader_seeds = torch.Generator().manual_seed(step_seed(config.seed, start_step, ctx.rank, 0, ctx.world_size))
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=config.num_workers, persistent_workers=False,
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_items, num_workers=config.num_workers, persistent_workers=False,
                         generator=loader_seeds)
-    val_set = fixed_mixtures(dataset_dir, config.val_split, task.signal, config.val_mixtures, config.num_sources) if ctx.is_main else []
 
     writer = SummaryWriter(str(run_dir / "tensorboard")) if ctx.is_main else None
     if ctx.is_main:
@@ -196,8 +204,8 @@ def _train(task, config, run_dir: Path, ctx: DistributedContext, resume, progres
 
     def validate(step: int) -> dict[str, float]:
         metrics = task.validate(val_set)
-        scores.last = metrics["val_si_sdri"]
-        if scores.best is None or scores.last > scores.best:
+        scores.last = metrics.get("val_si_sdri")  # None without references (train rl on a plain folder)
+        if scores.last is not None and (scores.best is None or scores.last > scores.best):
             scores.best = scores.last
             if task.artifact == "best":
                 task.save_artifact(run_dir, step, scores)

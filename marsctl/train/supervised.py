@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from marsctl.config import SignalConfig, load_recipe, to_mapping
+from marsctl.errors import MarsctlError
 from marsctl.models.encoder_base import QueryEncoder
 from marsctl.models.policy import DEFAULT_KAPPA
 from marsctl.models.separator import Separator, SeparatorConfig, save_separator
@@ -64,6 +65,9 @@ class SupervisedConfig(TrainingLoopConfig):
     weighted_loss: bool = True
     #: a source "owns" a bin when its magnitude exceeds this fraction of the mixture's
     mask_threshold: float = 0.5
+    #: warm start: separator weights to start from (``default``, a run directory or a Hub id);
+    #: its architecture and query size must match this recipe's. Empty = random init.
+    init_model: str = ""
 
     def separator_config(self, query_dim: int) -> SeparatorConfig:
         return SeparatorConfig(query_dim=query_dim, signal=self.signal, **to_mapping(self.architecture))
@@ -72,7 +76,25 @@ class SupervisedConfig(TrainingLoopConfig):
 def load_supervised_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> SupervisedConfig:
     """A recipe YAML (or the defaults) with command-line overrides (``None`` values ignored)."""
     config = load_recipe(SupervisedConfig, path, overrides, where="train sup")
-    return resolve_recipe_paths(config, path, ("data", "encoder"), overrides)
+    config = resolve_recipe_paths(config, path, ("data", "encoder", "init_model"), overrides)
+    if config.init_model == "default":  # the shipped separator's directory, so that runs fingerprint its weights
+        from marsctl.pretrained import DEFAULT_SEPARATOR_DIR
+
+        config = dataclasses.replace(config, init_model=str(DEFAULT_SEPARATOR_DIR))
+    return config
+
+
+def load_initial_weights(model: Separator, spec: str) -> None:
+    """Copy the weights of the separator ``spec`` (a run directory or a Hub id) into ``model``;
+    a different architecture or query size is one error naming both."""
+    from marsctl.models.separator import load_separator
+
+    start = load_separator(spec)
+    if start.model.config != model.config:
+        ours, theirs = to_mapping(model.config), to_mapping(start.model.config)
+        differ = ", ".join(f"{key} {theirs.get(key)!r} != {ours.get(key)!r}" for key in ours if ours.get(key) != theirs.get(key))
+        raise MarsctlError(f"init_model {spec}: its separator does not match this recipe's ({differ})")
+    model.load_state_dict(start.model.state_dict())
 
 
 def weighted_bce_mask_loss(
@@ -105,7 +127,8 @@ def _model_card(config: SupervisedConfig, step: int, best: float | None, val_cou
         "Query-conditioned mask separator (7-level U-Net on the log-frequency magnitude, Beta mask policy), "
         "trained by `marsctl train sup` with OmniSep's weighted BCE mask loss.\n\n"
         f"- training data: `{config.data}`\n- query encoder: `{config.encoder}`\n"
-        f"- steps: {step} (batch {config.batch_size} per process), AdamW lr {config.learning_rate}, warmup {config.warmup_steps}\n"
+        + (f"- started from: `{config.init_model}`\n" if config.init_model else "")
+        + f"- steps: {step} (batch {config.batch_size} per process), AdamW lr {config.learning_rate}, warmup {config.warmup_steps}\n"
         f"- query modalities: {', '.join(config.query_modalities)} (Query-Mixup: {config.query_mixup})\n"
         f"- best validation SI-SDRi: {score} over {val_count} sources of fixed `{config.val_split}` mixtures\n\n"
         "Full settings are in `config.json` (`training`).\n"
@@ -186,7 +209,10 @@ def train_supervised(
         encoder = load_encoder(config.encoder, device=str(ctx.device))
     encoder.eval().requires_grad_(False)
     torch.manual_seed(config.seed + ctx.rank)
-    model = Separator(config.separator_config(encoder.embedding_dim)).to(ctx.device)
+    model = Separator(config.separator_config(encoder.embedding_dim))
+    if config.init_model:
+        load_initial_weights(model, config.init_model)  # a checkpoint in run_dir, if any, still wins (resume)
+    model = model.to(ctx.device)
     task = SupervisedTask(config, model, encoder, dataset_dir, ctx)
     model.train()
     result = run_training(task, config, run_dir, ctx, resume=resume, progress=progress, on_step_end=on_step_end)

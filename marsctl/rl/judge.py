@@ -1,0 +1,123 @@
+"""An independent judge during RL validation, and the reward-hacking warning.
+
+RL maximises the reward encoder's score, so a rising validation reward alone cannot tell
+better separation from estimates that merely please that encoder. With ``judge`` set in the
+RL config (any encoder spec; refused when it has the reward encoder's weights), every
+validation also computes the judge's score of the deployed (mode-mask) estimates:
+100 x cos(text embedding of each source's label, audio embedding of its estimate), the mean
+over every source of the fixed validation mixtures, logged as ``val_judge_score`` next to
+``val_reward``. :func:`reward_hacking_warning` compares the latest validation with the
+previous one and with the first: when the reward rose by more than ``REWARD_TOLERANCE`` while
+the judge's score fell by more than ``JUDGE_TOLERANCE``, the trainer logs a one-line warning
+and sets ``val_reward_hacking`` to 1 in ``metrics.jsonl`` (0 otherwise).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from marsctl.errors import ConfigError
+from marsctl.models.encoder_base import QueryEncoder
+from marsctl.models.judge import TextAudioScorer, encoder_fingerprint
+
+#: a rise of the validation reward (in reward units) larger than this counts as "rose"
+REWARD_TOLERANCE = 0.01
+#: a drop of the judge's score (100 x cosine, so points out of 100) larger than this counts as "fell"
+JUDGE_TOLERANCE = 0.5
+REWARD_KEY, JUDGE_KEY, FLAG_KEY = "val_reward", "val_judge_score", "val_reward_hacking"
+
+
+def _finite(record: Mapping[str, Any], key: str) -> bool:
+    value = record.get(key)
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def reward_hacking_warning(history: Sequence[Mapping[str, Any]], reward_tolerance: float = REWARD_TOLERANCE,
+                           judge_tolerance: float = JUDGE_TOLERANCE) -> str | None:
+    """One line when, at the latest validation of ``history`` (records with ``val_reward`` and
+    ``val_judge_score``; others are skipped), the reward rose by more than ``reward_tolerance``
+    while the judge's score fell by more than ``judge_tolerance``, since the previous validation or
+    since the first one; None otherwise (also with fewer than two validations)."""
+    validations = [h for h in history if _finite(h, REWARD_KEY) and _finite(h, JUDGE_KEY)]
+    if len(validations) < 2:
+        return None
+    last = validations[-1]
+    references = [("the previous validation", validations[-2])]
+    if len(validations) > 2:
+        references.append(("the start", validations[0]))
+    for name, before in references:
+        reward_change = last[REWARD_KEY] - before[REWARD_KEY]
+        judge_change = last[JUDGE_KEY] - before[JUDGE_KEY]
+        if reward_change > reward_tolerance and judge_change < -judge_tolerance:
+            where = f"step {before['step']}, " if before.get("step") is not None else ""
+            at = f" at step {last['step']}" if last.get("step") is not None else ""
+            return (f"possible reward hacking{at}: since {where}{name}, "
+                    f"the validation reward rose {before[REWARD_KEY]:.3f} -> {last[REWARD_KEY]:.3f} while the judge's score "
+                    f"fell {before[JUDGE_KEY]:.2f} -> {last[JUDGE_KEY]:.2f}")
+    return None
+
+
+@torch.no_grad()
+def validation_judge_score(model, mixtures, queries, scorer: Callable, device: torch.device) -> float:
+    """Mean judge score of the mode-mask estimates of every source of the fixed ``mixtures``,
+    each separated with its own text query (as :func:`marsctl.train.validation.validation_si_sdri`)."""
+    model.eval()
+    scores = []
+    for fixed in mixtures:
+        mix = torch.from_numpy(fixed.mixture).to(device)[None]
+        text = queries.text(fixed.labels).to(device)[None]  # [1, S, D]
+        estimates = model.separate(mix, text)[0].cpu()  # [S, T]
+        scores.append(scorer(fixed.labels, estimates))
+    values = torch.cat(scores) if scores else torch.zeros(0)
+    values = values[torch.isfinite(values)]
+    return float(values.mean()) if len(values) else float("nan")
+
+
+class RLJudge:
+    """The judge of an RL run: scores validations, keeps their history, warns (see the module docstring)."""
+
+    def __init__(self, spec: str, encoder: QueryEncoder, sample_rate: int, log: Callable[[str], None] | None = None):
+        self.spec, self.encoder = spec, encoder
+        self.scorer = TextAudioScorer(encoder, sample_rate)
+        self.fingerprint = encoder_fingerprint(encoder)
+        self.log = log or (lambda message: None)
+        #: the validations so far: {"step", "val_reward", "val_judge_score"}
+        self.history: list[dict[str, Any]] = []
+
+    @classmethod
+    def load(cls, spec: str, reward_encoder: QueryEncoder, sample_rate: int, device: str | torch.device,
+             log: Callable[[str], None] | None = None) -> "RLJudge":
+        """Load the judge ``spec``; refused when it has the reward encoder's weights."""
+        from marsctl.models.encoders import load_encoder
+
+        judge = cls(spec, load_encoder(spec, device=device), sample_rate, log)
+        if judge.fingerprint == encoder_fingerprint(reward_encoder):
+            raise ConfigError(f"judge {spec}: same weights as the reward encoder, so not an independent judge; "
+                              "give another encoder or leave judge empty")
+        return judge
+
+    def validate(self, model, mixtures, queries, device: torch.device, step: int | None, metrics: Mapping[str, Any]) -> dict[str, float]:
+        """``val_judge_score`` and ``val_reward_hacking`` (1.0 when :func:`reward_hacking_warning`
+        fires, which is logged) for this validation, whose other ``metrics`` hold ``val_reward``."""
+        score = validation_judge_score(model, mixtures, queries, self.scorer, device)
+        self.history.append({"step": step, REWARD_KEY: metrics.get(REWARD_KEY), JUDGE_KEY: score})
+        warning = reward_hacking_warning(self.history)
+        if warning:
+            self.log(f"warning: {warning} (judge {self.spec})")
+        return {JUDGE_KEY: score, FLAG_KEY: 1.0 if warning else 0.0}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: Mapping[str, Any] | None, history: Sequence[Mapping[str, Any]]) -> None:
+        """On resume: the checkpoint's validations count when they were judged by the same encoder."""
+        if state and state.get("fingerprint") == self.fingerprint:
+            self.history = [{"step": h.get("step"), REWARD_KEY: h[REWARD_KEY], JUDGE_KEY: h[JUDGE_KEY]}
+                            for h in history if _finite(h, REWARD_KEY) and _finite(h, JUDGE_KEY)]
+        else:
+            self.history = []
+            if any(JUDGE_KEY in h for h in history):
+                self.log(f"judge {self.spec} differs from the checkpoint's: the reward-hacking check starts over")
