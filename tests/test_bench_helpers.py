@@ -53,3 +53,24 @@ def test_quality_report_gaps_and_oracle_shares_come_from_the_rows():
     fire_rl = next(e for e in summary["per_class"] if e["label"] == "fire" and e["system"] == "rl")
     assert fire_rl["si_sdri_mean"] == pytest.approx(6.0) and fire_rl["n"] == 2
     assert "+1.50 dB" in text and "### toy" in text
+
+
+def test_union_breakdown_groups_and_pairs_sources(tmp_path):
+    """bench/union_breakdown.py: per pair kind and soundfont, mean ± SE of the per-source values."""
+    breakdown = _load("union_breakdown")
+    groups = {("m1", "violin"): {"pair_kind": "instruments", "family": "instruments", "soundfont": "opl3"},
+              ("m1", "flute"): {"pair_kind": "instruments", "family": "instruments", "soundfont": "fluidr3"},
+              ("m2", "rain"): {"pair_kind": "everyday", "family": "everyday", "soundfont": ""},
+              ("m2", "thunder"): {"pair_kind": "everyday", "family": "everyday", "soundfont": ""}}
+    values = {("m1", "violin"): 4.0, ("m1", "flute"): 2.0, ("m2", "rain"): -1.0, ("m2", "thunder"): 1.0,
+              ("m3", "unknown"): 99.0}  # not in the dataset's groups: left out
+    table = breakdown.breakdown(values, groups)
+    assert list(table)[0] == "all" and table["all"][0] == pytest.approx(1.5) and table["all"][2] == 4
+    assert table["pairs: instruments"][:1] == (3.0,) and table["pairs: everyday"][0] == pytest.approx(0.0)
+    assert table["pairs: everyday"][1] == pytest.approx(1.0)  # SE of (-1, 1): std sqrt(2) / sqrt(2)
+    assert table["soundfont: opl3"][0] == 4.0 and "soundfont: " not in table
+    csv = tmp_path / "scores.csv"
+    csv.write_text("mixture,source,class,query_modality,system,si_sdri\nm1,violin,violin,text,model (text query),4.0\n"
+                   "m1,violin,violin,-,mixture,0\n")
+    rows = breakdown.read_rows(csv, "si_sdri")
+    assert rows["model (text query)"] == {("m1", "violin"): 4.0} and rows["mixture"] == {("m1", "violin"): 0.0}
