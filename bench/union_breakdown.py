@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -23,11 +22,12 @@ MODEL_SYSTEM = "model (text query)"
 
 
 def mean_se(values: list[float]) -> tuple[float, float, int]:
-    values = [v for v in values if math.isfinite(v)]
-    if not values:
-        return math.nan, math.nan, 0
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
-    return statistics.fmean(values), se, len(values)
+    """Mean, standard error and count of the finite values (marsctl's report summary; NaN when undefined)."""
+    from marsctl.eval.report import summarize
+
+    summary = summarize(values)
+    nan_if_none = lambda x: math.nan if x is None else x  # noqa: E731
+    return nan_if_none(summary.mean), nan_if_none(summary.standard_error), summary.count
 
 
 def read_rows(path: Path, metric: str) -> dict[str, dict[tuple[str, str], float]]:

@@ -36,6 +36,7 @@ import torch
 from marsctl.audio import load_audio, save_audio
 from marsctl.errors import MarsctlError
 from marsctl.eval.model import evaluate_separator, summarize
+from marsctl.eval.report import summarize as summarize_values
 from marsctl.eval.tables import markdown_table
 from marsctl.files import write_json_atomic, write_text_atomic
 from marsctl.models.encoders import load_encoder, save_encoder
@@ -70,9 +71,10 @@ def breakdown_rows(rows: list[dict], groups: dict) -> list[dict]:
             buckets[(*key, f"soundfont {group['soundfont']}")].append(value)
     out = []
     for (system, modality, group), values in sorted(buckets.items()):
-        mean = sum(values) / len(values)
-        se = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) if len(values) > 1 else float("nan")
-        out.append({"system": system, "query_modality": modality, "group": group, "n": len(values), "si_sdri_mean": mean, "si_sdri_se": se})
+        summary = summarize_values(values)
+        se = summary.standard_error if summary.standard_error is not None else float("nan")
+        out.append({"system": system, "query_modality": modality, "group": group, "n": summary.count,
+                    "si_sdri_mean": summary.mean, "si_sdri_se": se})
     return out
 
 

@@ -22,6 +22,7 @@ import torch
 from marsctl.errors import ConfigError
 from marsctl.models.encoder_base import QueryEncoder
 from marsctl.models.judge import TextAudioScorer, encoder_fingerprint
+from marsctl.train.validation import finite_mean, mode_estimates
 
 #: a rise of the validation reward (in reward units) larger than this counts as "rose"
 REWARD_TOLERANCE = 0.01
@@ -61,19 +62,13 @@ def reward_hacking_warning(history: Sequence[Mapping[str, Any]], reward_toleranc
 
 
 @torch.no_grad()
-def validation_judge_score(model, mixtures, queries, scorer: Callable, device: torch.device) -> float:
-    """Mean judge score of the mode-mask estimates of every source of the fixed ``mixtures``,
-    each separated with its own text query (as :func:`marsctl.train.validation.validation_si_sdri`)."""
-    model.eval()
-    scores = []
-    for fixed in mixtures:
-        mix = torch.from_numpy(fixed.mixture).to(device)[None]
-        text = queries.text(fixed.labels).to(device)[None]  # [1, S, D]
-        estimates = model.separate(mix, text)[0].cpu()  # [S, T]
-        scores.append(scorer(fixed.labels, estimates))
-    values = torch.cat(scores) if scores else torch.zeros(0)
-    values = values[torch.isfinite(values)]
-    return float(values.mean()) if len(values) else float("nan")
+def validation_judge_score(model, mixtures, queries, scorer: Callable, device: torch.device,
+                           estimates: list[torch.Tensor] | None = None) -> float:
+    """Mean judge score of the mode-mask estimates of every source of the fixed ``mixtures``
+    (:func:`marsctl.train.validation.mode_estimates`, or ``estimates`` when the caller has them)."""
+    if estimates is None:
+        estimates = mode_estimates(model, mixtures, queries, device)
+    return finite_mean([scorer(fixed.labels, estimate) for fixed, estimate in zip(mixtures, estimates)])[0]
 
 
 class RLJudge:
@@ -99,10 +94,12 @@ class RLJudge:
                               "give another encoder or leave judge empty")
         return judge
 
-    def validate(self, model, mixtures, queries, device: torch.device, step: int | None, metrics: Mapping[str, Any]) -> dict[str, float]:
+    def validate(self, model, mixtures, queries, device: torch.device, step: int | None, metrics: Mapping[str, Any],
+                 estimates: list[torch.Tensor] | None = None) -> dict[str, float]:
         """``val_judge_score`` and ``val_reward_hacking`` (1.0 when :func:`reward_hacking_warning`
-        fires, which is logged) for this validation, whose other ``metrics`` hold ``val_reward``."""
-        score = validation_judge_score(model, mixtures, queries, self.scorer, device)
+        fires, which is logged) for this validation, whose other ``metrics`` hold ``val_reward``;
+        ``estimates``: the validation's mode-mask estimates, when already separated."""
+        score = validation_judge_score(model, mixtures, queries, self.scorer, device, estimates)
         self.history.append({"step": step, REWARD_KEY: metrics.get(REWARD_KEY), JUDGE_KEY: score})
         warning = reward_hacking_warning(self.history)
         if warning:

@@ -43,7 +43,7 @@ from marsctl.rl.rollout import RewardModel, validation_reward
 from marsctl.rl.update import rl_update
 from marsctl.train.distributed import DistributedContext
 from marsctl.train.loop import Scores, require_dataset, run_training, step_seed
-from marsctl.train.validation import validation_si_sdri
+from marsctl.train.validation import mode_estimates, validation_si_sdri
 
 __all__ = ["RLConfig", "RLResult", "load_rl_config", "train_rl"]
 
@@ -130,12 +130,13 @@ class RLTask:
         return batch["mixture"].to(device), query, target, labels  # x_b [B, T]
 
     def validate(self, val_set: list) -> dict[str, float]:
-        metrics = validation_si_sdri(self.model, val_set, self.queries, self.ctx.device)
+        estimates = mode_estimates(self.model, val_set, self.queries, self.ctx.device)  # separated once, scored twice
+        metrics = validation_si_sdri(self.model, val_set, self.queries, self.ctx.device, estimates)
         rewards = validation_reward(self.model, val_set, self.queries, self.reward_model, self.config.group_size, self.ctx.device,
                                     self.config.seed, kappa=self.kappa)
         out = {"val_si_sdri": metrics["si_sdri"], **{f"val_{k}": v for k, v in rewards.items()}}
         if self.judge is not None:  # val_judge_score beside val_reward, and the reward-hacking flag
-            out.update(self.judge.validate(self.model, val_set, self.queries, self.ctx.device, self.step, out))
+            out.update(self.judge.validate(self.model, val_set, self.queries, self.ctx.device, self.step, out, estimates))
         return out
 
     def save_artifact(self, directory: Path, step: int, scores: Scores) -> None:
