@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import statistics
 from collections import defaultdict
 from pathlib import Path
 
 MODEL_SYSTEM = "model (text query)"
+#: the scores.csv columns in decibels (the text-audio scores are 100 x cosine)
+DECIBEL_METRICS = ("sdr", "sir", "sar", "si_sdr", "si_sdri", "sdri", "sir_i", "sar_i")
 
 
 def read_scores(path: Path, system: str, metric: str) -> dict[tuple[str, str], tuple[str, float]]:
@@ -33,7 +34,11 @@ def read_scores(path: Path, system: str, metric: str) -> dict[tuple[str, str], t
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan)
+    """Mean and standard error of the finite values (marsctl's report summary; NaN when undefined)."""
+    from marsctl.eval.report import summarize
+
+    summary = summarize(values)
+    return (math.nan if summary.mean is None else summary.mean), (math.nan if summary.standard_error is None else summary.standard_error)
 
 
 def main() -> None:
@@ -57,9 +62,10 @@ def main() -> None:
     mean_b, se_b = mean_se([b[k][1] for k in keys])
     mean_d, se_d = mean_se(diffs)
     wins = sum(d > 0 for d in diffs) / len(diffs)
+    unit = " dB" if args.metric in DECIBEL_METRICS else ""
     print(f"{args.metric}: A {mean_a:.2f} ± {se_a:.2f}, B {mean_b:.2f} ± {se_b:.2f}; "
-          f"B - A = {mean_d:+.2f} ± {se_d:.2f} dB (paired, n = {len(diffs)}), B better on {100 * wins:.0f} % of sources\n")
-    print(f"| class | B - A {args.metric} (dB) | B better | n |\n|---|---:|---:|---:|")
+          f"B - A = {mean_d:+.2f} ± {se_d:.2f}{unit} (paired, n = {len(diffs)}), B better on {100 * wins:.0f} % of sources\n")
+    print(f"| class | B - A {args.metric}{f' ({unit.strip()})' if unit else ''} | B better | n |\n|---|---:|---:|---:|")
     per_class = {}
     for label in sorted(by_class):
         m, se = mean_se(by_class[label])

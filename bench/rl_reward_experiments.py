@@ -15,6 +15,7 @@ Variants (the reward weights R = sum_i w_i r_i; energy_guard is the guard):
 - ``anchor``: (a) the paper's reward: the semantic anchor z* (target audio fused with the text) + guard
 - ``query``: (b) reference-free: query similarity (text query only) + guard
 - ``anchor_sisdr``: (c) anchor + SI-SDR + guard
+- ``query_contrast``: (b') reference-free: the estimate like the query, the residual unlike it + guard
 - ``anchor_score_function``: (e) the anchor reward with the paper's score-function estimator
 
 Every stage resumes: a finished run or report is reused. Results: ``<out>/summary.json`` and
@@ -36,12 +37,14 @@ VARIANTS = {
     "anchor": {"rewards": {"semantic_anchor": 1.0, "query_similarity": 0.0, "si_sdr": 0.0, "energy_guard": 1.0}},
     "query": {"rewards": {"semantic_anchor": 0.0, "query_similarity": 1.0, "si_sdr": 0.0, "energy_guard": 1.0}},
     "anchor_sisdr": {"rewards": {"semantic_anchor": 1.0, "query_similarity": 0.0, "si_sdr": 1.0, "energy_guard": 1.0}},
+    "query_contrast": {"rewards": {"semantic_anchor": 0.0, "query_similarity": 0.0, "si_sdr": 0.0, "energy_guard": 1.0, "query_contrast": 1.0}},
     "anchor_score_function": {"rewards": {"semantic_anchor": 1.0, "query_similarity": 0.0, "si_sdr": 0.0, "energy_guard": 1.0},
                               "estimator": "score_function", "group_size": 8},
 }
 #: (variant, compared with): the paired comparisons reported
 COMPARISONS = [("sisdr", "start"), ("anchor", "start"), ("query", "start"), ("anchor_sisdr", "start"),
-               ("anchor_sisdr", "sisdr"), ("anchor_score_function", "start")]
+               ("anchor_sisdr", "sisdr"), ("anchor_score_function", "start"), ("query_contrast", "start"),
+               ("query_contrast", "query")]
 MARSCTL = [sys.executable, "-m", "marsctl"]
 
 
@@ -74,6 +77,9 @@ def main() -> None:
         recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
         run([*MARSCTL, "train", "rl", "--recipe", str(recipe_path), "--out", str(args.out / name)])
         reports[name] = args.out / f"eval-{name}"
+    # variants scored by an earlier invocation into the same --out join the summary
+    reports.update({name: args.out / f"eval-{name}" for name in VARIANTS
+                    if name not in reports and (args.out / f"eval-{name}" / "scores.csv").is_file()})
     for name, report in reports.items():
         if not (report / "scores.csv").is_file():
             model = args.start if name == "start" else args.out / name

@@ -315,3 +315,101 @@ def test_freeze_text_keeps_the_text_space_and_aligns_audio_into_it(tiny_encoder,
     run_alignment(free, dataset, tmp_path / "free", reporter=Reporter(log=lambda line: None))
     with torch.no_grad():
         assert not torch.allclose(start.embed_text(list(LABELS)), load_encoder(tmp_path / "free" / "encoder").embed_text(list(LABELS)), atol=1e-4)
+
+
+def test_zero_shot_rows_classify_targets_mixtures_and_a_separators_estimates(tiny_encoder, dataset, tmp_path):
+    """--separator: the held-out mixtures are separated once by a real separator (the shipped default)
+    and its estimates are classified zero-shot after every stage, beside the targets and mixtures."""
+    from marsctl.align.data import HeldOut, read_clips
+    from marsctl.align.metrics import evaluate_alignment, heldout_mixtures
+
+    recipe = write_recipe(tmp_path / "r.yaml", steps=10)
+    plain = tmp_path / "run"
+    assert invoke("align", "--encoder", str(tiny_encoder), "--data", str(dataset), "--stages", "1", "--recipe", str(recipe),
+                  "--out", str(plain), "--device", "cpu", "-q").exit_code == 0
+    # a separator added to a finished run is not "another config": the run resumes (nothing to redo)
+    again = invoke("align", "--encoder", str(tiny_encoder), "--data", str(dataset), "--stages", "1", "--recipe", str(recipe),
+                   "--out", str(plain), "--device", "cpu", "-q", "--separator", "default")
+    assert again.exit_code == 0, again.output
+
+    out = tmp_path / "with-separator"
+    result = invoke("align", "--encoder", str(tiny_encoder), "--data", str(dataset), "--stages", "1", "--recipe", str(recipe),
+                    "--out", str(out), "--device", "cpu", "-q", "--separator", "default")
+    assert result.exit_code == 0, result.output
+    assert "zero_shot_estimate_acc" in result.output
+    summary = json.loads((out / "metrics.json").read_text())
+    for metrics in (summary["initial"], summary["stages"]["1"]["select"], summary["stages"]["1"]["report"]):
+        for key in ("zero_shot_target_acc", "zero_shot_mixture_acc", "zero_shot_estimate_acc"):
+            assert 0.0 <= metrics[key] <= 1.0
+        assert np.isfinite(metrics["gap_text_estimate"])
+
+    # the rows' definitions: estimates equal to the targets (or to the mixtures) score as those
+    heldout = HeldOut.load(read_clips(dataset), "test", SR, 2.0, 0, 0)
+    targets, mixtures = heldout_mixtures(heldout, seed=0)
+    assert len(targets) == len(mixtures) == len(heldout)
+    encoder = load_encoder(out / "encoder")
+    perfect = evaluate_alignment(encoder, heldout, SR, estimates=targets)
+    assert perfect["zero_shot_estimate_acc"] == perfect["zero_shot_target_acc"]
+    assert perfect["gap_text_estimate"] == pytest.approx(perfect["gap_text"], abs=1e-5)
+    unseparated = evaluate_alignment(encoder, heldout, SR, estimates=mixtures)
+    assert unseparated["zero_shot_estimate_acc"] == unseparated["zero_shot_mixture_acc"]
+    assert unseparated["gap_text_estimate"] == pytest.approx(0.0, abs=1e-5)
+    assert "zero_shot_estimate_acc" not in evaluate_alignment(encoder, heldout, SR)
+
+
+def test_stage1_against_every_class_text_with_interference_learns(tiny_encoder, dataset, tmp_path):
+    """text_negatives 'all' (each clip against every training class's text) with interfering crops
+    aligns; a run recorded before these settings existed still resumes; bad values are one-line errors."""
+    from marsctl.align.trainer import _check_run_config
+    from marsctl.config import to_mapping
+
+    recipe = write_recipe(tmp_path / "r.yaml", steps=30, freeze_text=True)
+    data = yaml.safe_load(recipe.read_text())
+    data["stage1"] = dict(data["stage1"], text_negatives="all", interference_share=0.5, interference_min_db=-15.0, interference_max_db=-6.0)
+    recipe.write_text(yaml.safe_dump(data))
+    config = load_align_config(recipe, {"encoder": str(tiny_encoder), "stages": [1]})
+    summary = run_alignment(config, dataset, tmp_path / "run", reporter=Reporter(log=lambda line: None))
+    report = summary["stages"]["1"]["report"]
+    assert report["audio_to_text_R@1"] >= report["chance_R@1"] + 0.3
+    assert report["audio_to_text_R@1"] > summary["initial"]["audio_to_text_R@1"]
+
+    # an align_config.json written before text_negatives / interference / eval.separator existed
+    record_path = tmp_path / "run" / "align_config.json"
+    record = json.loads(record_path.read_text())
+    default_config = load_align_config(write_recipe(tmp_path / "d.yaml", steps=30, freeze_text=True), {"encoder": str(tiny_encoder), "stages": [1]})
+    record["align"] = json.loads(json.dumps(to_mapping(default_config)))
+    for key in ("text_negatives", "interference_share", "interference_min_db", "interference_max_db"):
+        del record["align"]["stage1"][key]
+    del record["align"]["eval"]["separator"]
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "align_config.json").write_text(json.dumps(record))
+    _check_run_config(old, default_config, dataset)  # the defaults fill what the old record lacks: accepted
+    with pytest.raises(Exception, match="another config"):
+        _check_run_config(old, config, dataset)  # but other values are another run
+
+    for bad, message in (({"text_negatives": "some"}, "text_negatives"), ({"interference_min_db": 0.0, "interference_max_db": -6.0}, "interference_min_db")):
+        broken = dict(data, stage1={**data["stage1"], **bad})
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump(broken))
+        with pytest.raises(Exception, match=message):
+            load_align_config(tmp_path / "bad.yaml")
+
+
+def test_interference_adds_another_class_at_the_drawn_level():
+    from marsctl.align.config import AudioTextStageConfig
+    from marsctl.align.trainer import _with_interference
+
+    gen = torch.Generator().manual_seed(0)
+    crops = torch.randn(6, 1600, generator=gen) * torch.tensor([1.0, 2.0, 0.5, 1.0, 3.0, 1.0])[:, None]
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    cfg = AudioTextStageConfig(interference_share=1.0, interference_min_db=-20.0, interference_max_db=-10.0)
+    mixed = _with_interference(crops, labels, cfg, torch.Generator().manual_seed(1))
+    added = mixed - crops
+    level_db = 20 * torch.log10(added.pow(2).mean(-1).sqrt() / crops.pow(2).mean(-1).sqrt())
+    assert ((level_db >= -20.01) & (level_db <= -9.99)).all(), level_db
+    for i in range(6):  # what was added is a scaled crop of another class
+        ratios = [float(torch.nn.functional.cosine_similarity(added[i], crops[j], dim=0)) for j in range(6)]
+        partner = max(range(6), key=lambda j: ratios[j])
+        assert ratios[partner] > 0.999 and labels[partner] != labels[i]
+    untouched = _with_interference(crops, labels, AudioTextStageConfig(interference_share=0.0), torch.Generator().manual_seed(1))
+    assert torch.equal(untouched, crops)

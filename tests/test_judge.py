@@ -14,7 +14,7 @@ from marsctl.errors import ConfigError, MarsctlError
 from marsctl.eval.model import check_judge, evaluate_model_on_dataset, load_test_mixtures
 from marsctl.models.encoders import BuiltinEncoder, BuiltinEncoderConfig, load_encoder, save_encoder
 from marsctl.models.judge import TextAudioScorer, encoder_fingerprint
-from marsctl.rl.judge import JUDGE_TOLERANCE, REWARD_TOLERANCE, RLJudge, reward_hacking_warning
+from marsctl.rl.judge import JUDGE_TOLERANCE, REWARD_TOLERANCE, SI_SDRI_TOLERANCE, RLJudge, SiSdriWitness, reward_hacking_warning
 from marsctl.separate import load_model_and_encoder
 from marsctl.train.supervised import train_supervised
 from test_separator_fixtures import make_tone_dataset
@@ -135,6 +135,24 @@ def test_reward_hacking_warning_fires_only_on_rising_reward_and_falling_judge():
     assert reward_hacking_warning(mixed) is not None
 
 
+def test_si_sdri_witness_warns_without_a_judge_and_keeps_its_history_over_a_resume():
+    """What the union experiments showed (BENCHMARKS 7.4): the reward rose, the judge rose too, and only
+    validation SI-SDRi saw the damage (anchor reward, 500 steps: 0.637 -> 0.656 while 5.07 -> 4.55 dB)."""
+    said = []
+    witness = SiSdriWitness(said.append)
+    assert witness.validate(0, {"val_reward": 0.637, "val_si_sdri": 5.07}) is False
+    assert witness.validate(100, {"val_reward": 0.656, "val_si_sdri": 4.55}) is True
+    assert len(said) == 1 and "validation SI-SDRi" in said[0] and "5.07 -> 4.55" in said[0] and "step 100" in said[0]
+    assert witness.validate(200, {"val_reward": 0.650, "val_si_sdri": 4.60}) is True  # still below the start
+    assert SiSdriWitness().validate(0, {"val_reward": 0.5}) is False  # no references (a folder): nothing to compare
+    calm = SiSdriWitness()
+    assert calm.validate(0, {"val_reward": 0.5, "val_si_sdri": 5.0}) is False
+    assert calm.validate(1, {"val_reward": 0.6, "val_si_sdri": 5.0 - SI_SDRI_TOLERANCE / 2}) is False  # within tolerance
+    resumed = SiSdriWitness()
+    resumed.load_history([{"step": 0, "val_reward": 0.637, "val_si_sdri": 5.07}, {"step": 50, "loss": 1.0}])
+    assert resumed.validate(100, {"val_reward": 0.656, "val_si_sdri": 4.55}) is True
+
+
 def test_rl_judge_with_the_reward_encoders_weights_is_refused():
     with pytest.raises(ConfigError, match="same weights as the reward encoder"):
         RLJudge.load("builtin", load_encoder("builtin"), 16_000, "cpu")
@@ -156,7 +174,9 @@ def test_tiny_rl_run_logs_the_judge_score(trained, tmp_path):
     assert [h["step"] for h in val] == [0, 1, 2]
     assert all(math.isfinite(h["val_judge_score"]) and -100 <= h["val_judge_score"] <= 100 for h in val)
     # the flag follows the warning function over the validations so far, and each warning was logged
-    flags = [bool(reward_hacking_warning(val[: i + 1])) for i in range(len(val))]
+    flags = [bool(reward_hacking_warning(val[: i + 1]))
+             or bool(reward_hacking_warning(val[: i + 1], judge_tolerance=SI_SDRI_TOLERANCE, witness_key="val_si_sdri"))
+             for i in range(len(val))]
     assert [h["val_reward_hacking"] == 1.0 for h in val] == flags
     assert sum("possible reward hacking" in m for m in messages) == sum(flags)
     assert result.history[-1]["val_judge_score"] == val[-1]["val_judge_score"]

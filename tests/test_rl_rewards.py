@@ -234,3 +234,32 @@ def test_differentiable_scoring_keeps_the_graph_and_names_a_term_without_one(sou
     model = RewardModel(NoGradEncoder(), reward_functions(semantic), SIGNAL, same_space_as_queries=False)
     with pytest.raises(MarsctlError, match="'semantic_anchor' is not differentiable"):
         model.score(estimates, mixture, ["low hum"], targets=target[None], differentiable=True)
+
+
+def test_query_contrast_scores_the_estimate_against_what_the_mask_leaves_out(sources):
+    """query_contrast = cos(phi_a(y), q) - cos(phi_a(x - y), q): by hand (the all-pass mask's residual is
+    silence); the target scores above zero and the other source below; gradients reach the estimates;
+    it needs no reference, so a plain folder may use it."""
+    from marsctl.rl.folder_data import check_reference_free
+    from marsctl.rl.rollout import RewardModel
+
+    target, other = sources
+    mixture = (target + other)[None]
+    encoder = _CountingEncoder()
+    q = encoder.embed_audio(target[None], SR)  # a query in the audio space: the target's own embedding
+    encoder.audio_calls = 0
+    weights = {"semantic_anchor": 0.0, "si_sdr": 0.0, "energy_guard": 0.0, "query_contrast": 1.0}
+    model = RewardModel(encoder, reward_functions(RewardConfig(weights=weights)), SIGNAL, same_space_as_queries=True)
+    estimates = torch.stack([target, other, mixture[0]])[:, None]  # [G=3, B=1, T]
+    total, terms, _ = model.score(estimates, mixture, ["low hum"], queries=q)
+    assert set(terms) == {"query_contrast"} and encoder.audio_calls == 1  # estimates and residuals in one pass
+    cos = lambda wave: float((encoder.embed_audio(wave[None], SR) * q).sum())  # noqa: E731
+    by_hand = [cos(target) - cos(other), cos(other) - cos(target), cos(mixture[0]) - cos(torch.zeros_like(target))]
+    assert total[:, 0].tolist() == pytest.approx(by_hand, abs=1e-5)
+    assert total[0, 0] > 0 > total[1, 0]  # the target scores above zero, the other source below
+
+    partial = (0.7 * mixture + 0.3 * target[None])[None].clone().requires_grad_(True)
+    scored, _, _ = model.score(partial, mixture, ["low hum"], queries=q, differentiable=True)
+    (grad,) = torch.autograd.grad(scored.sum(), partial)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    check_reference_free(RewardConfig(weights={**weights, "semantic_anchor": 0.0}))  # allowed on a folder: no error

@@ -43,6 +43,22 @@ class StageCommon(ValidatedConfig):
 class AudioTextStageConfig(StageCommon):
     """Stage 1: audio <-> text, symmetric InfoNCE."""
 
+    #: the texts an audio clip is contrasted with: 'batch' (CLIP: the classes present in the batch) or
+    #: 'all' (every training class's text, so the audio->text direction is a softmax over the whole
+    #: vocabulary, what zero-shot classification and a text-query reward compare against)
+    text_negatives: str = setting("batch", choices=("batch", "all"))
+    #: share of training crops to which a crop of another class is added, quieter by a level drawn from
+    #: [interference_min_db, interference_max_db] (the label stays the target's): the encoder learns to
+    #: name a source that still carries some of the other one, as separated estimates do
+    interference_share: float = setting(0.0, ge=0, le=1)
+    interference_min_db: float = -20.0
+    interference_max_db: float = -6.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.interference_min_db > self.interference_max_db:
+            raise ConfigError(f"stage1.interference_min_db ({self.interference_min_db}) is above interference_max_db ({self.interference_max_db})")
+
 
 @dataclasses.dataclass(frozen=True)
 class AudioAudioStageConfig(StageCommon):
@@ -77,6 +93,9 @@ class AlignEvalConfig:
     #: at most this many held-out clips per split (seeded choice; 0 = all)
     max_clips: int = 2000
     batch_size: int = 32
+    #: a separator ('default', a run directory or a Hub id) that separates the held-out mixtures once;
+    #: its estimates are classified zero-shot after every stage (zero_shot_estimate_acc). Empty = none
+    separator: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +151,8 @@ def recipe_path(spec: str | Path) -> Path:
 
 
 def load_align_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> AlignConfig:
-    """Read a recipe (name or YAML path; the defaults when None) and apply top-level overrides."""
+    """Read a recipe (name or YAML path; the defaults when None) and apply overrides (a mapping
+    value, e.g. ``{"eval": {"separator": "default"}}``, overrides those settings of that section)."""
     data: dict[str, Any] = {}
     if path is not None:
         path = recipe_path(path)
@@ -144,5 +164,9 @@ def load_align_config(path: str | Path | None, overrides: dict[str, Any] | None 
             raise ConfigError(f"{path}: not valid YAML ({exc})".splitlines()[0]) from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping of settings")
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **{k: v for k, v in value.items() if v is not None}}  # one nested setting
+        elif value is not None:
+            data[key] = value
     return from_mapping(AlignConfig, data, str(path) if path else "align config")

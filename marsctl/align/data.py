@@ -254,6 +254,8 @@ class HeldOut:
     waves: list[torch.Tensor]
     frames: list[torch.Tensor | None]
     failed: dict[str, str]
+    #: a separator's estimates of the targets of ``marsctl.align.metrics.heldout_mixtures`` (``eval.separator``)
+    estimates: list[torch.Tensor] | None = None
 
     @classmethod
     def load(cls, clips: list[Clip], split: str, sample_rate: int, max_seconds: float, max_clips: int, seed: int) -> "HeldOut":

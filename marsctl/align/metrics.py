@@ -14,11 +14,24 @@ clip of another class (seeded; each source x0.5 as in the mixtures) and
 ``gap = cos(q, phi_a(target)) - cos(q, phi_a(mixture))``, averaged, for the query
 ``q`` = the class text (``gap_text``), another held-out clip of the class
 (``gap_audio``) and the anchor z* fused from target audio + text (+ frame) (``gap_anchor``).
+
+Zero-shot classification (does the encoder tell a separated source from the mixture?): each
+target, its mixture and, when a separator's estimates are given (``marsctl align
+--separator``), the separator's estimate of the target from that mixture (queried with the class
+text) is classified as the held-out class whose text embedding is most similar:
+``zero_shot_target_acc``, ``zero_shot_mixture_acc`` (the mixture counted right when it is
+classified as the target's class) and ``zero_shot_estimate_acc``
+(``zero_shot_estimate_minus_mixture``: the paired per-clip difference from the mixture's, and
+its standard error); ``gap_text_estimate`` is
+``cos(q, phi_a(estimate)) - cos(q, phi_a(mixture))`` for the class text ``q``, the reward
+signal a text-query reward actually sees from this separator.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -58,19 +71,68 @@ def same_class_partners(labels: list[str]) -> list[int]:
     return out
 
 
+def heldout_mixtures(heldout: HeldOut, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The seeded two-class mixtures the gap and zero-shot metrics use: for every held-out clip,
+    its target ``0.5 * clip`` and the mixture ``0.5 * clip + 0.5 * partner`` (cut to the shorter)."""
+    targets, mixtures = [], []
+    for i, j in enumerate(mixture_partners([clip.label for clip in heldout.clips], seed)):
+        if j < 0:  # one class only: no mixture (the metrics are undefined then)
+            continue
+        length = min(heldout.waves[i].shape[-1], heldout.waves[j].shape[-1])
+        target = 0.5 * heldout.waves[i][:length]
+        targets.append(target)
+        mixtures.append(target + 0.5 * heldout.waves[j][:length])
+    return targets, mixtures
+
+
+@torch.no_grad()
+def separate_heldout_mixtures(separator: str | Path, heldout: HeldOut, sample_rate: int, seed: int,
+                              device: str | torch.device = "cpu", advance: Callable[[], None] | None = None) -> list[torch.Tensor]:
+    """A separator's estimate of every target of :func:`heldout_mixtures`, queried with the
+    target's class text through the separator's own query encoder; at ``sample_rate``."""
+    from torchaudio.functional import resample
+
+    from marsctl.separate.api import load_model_and_encoder
+    from marsctl.separate.apply import SeparateOptions, separate_waveform
+
+    loaded, query_encoder = load_model_and_encoder(str(separator), device=device)
+    model_rate = loaded.model.config.signal.sample_rate
+    _, mixtures = heldout_mixtures(heldout, seed)
+    labels = [clip.label for clip in heldout.clips]
+    queries = {label: query_encoder.embed_text([label])[0] for label in sorted(set(labels))}
+    options = SeparateOptions()
+    estimates = []
+    for label, mixture in zip(labels, mixtures):
+        wave = mixture if model_rate == sample_rate else resample(mixture, sample_rate, model_rate)
+        estimate = separate_waveform(loaded.model, wave.to(device), queries[label][None], options)[0]
+        if model_rate != sample_rate:
+            estimate = resample(estimate, model_rate, sample_rate)
+        estimates.append(estimate[: mixture.shape[-1]].cpu())
+        if advance is not None:
+            advance()
+    return estimates
+
+
 @torch.no_grad()
 def evaluate_alignment(
-    encoder: ProjectedEncoder, heldout: HeldOut, sample_rate: int, batch_size: int = 32, seed: int = 0
+    encoder: ProjectedEncoder, heldout: HeldOut, sample_rate: int, batch_size: int = 32, seed: int = 0,
+    estimates: Sequence[torch.Tensor] | None = None,
 ) -> dict[str, Any]:
+    """The module's metrics for ``encoder`` on ``heldout``; ``estimates``: a separator's estimates
+    of :func:`heldout_mixtures`' targets (:func:`separate_heldout_mixtures`), for the estimate rows
+    (default: ``heldout.estimates``)."""
+    if estimates is None:
+        estimates = heldout.estimates
     was_training = encoder.training
     encoder.eval()
     try:
-        return _evaluate(encoder, heldout, sample_rate, batch_size, seed)
+        return _evaluate(encoder, heldout, sample_rate, batch_size, seed, estimates)
     finally:
         encoder.train(was_training)
 
 
-def _evaluate(encoder: ProjectedEncoder, heldout: HeldOut, sample_rate: int, batch_size: int, seed: int) -> dict[str, Any]:
+def _evaluate(encoder: ProjectedEncoder, heldout: HeldOut, sample_rate: int, batch_size: int, seed: int,
+              estimates: Sequence[torch.Tensor] | None) -> dict[str, Any]:
     labels = [clip.label for clip in heldout.clips]
     classes = sorted(set(labels))
     metrics: dict[str, Any] = {"split": heldout.split, "clips": len(labels), "classes": len(classes)}
@@ -100,13 +162,7 @@ def _evaluate(encoder: ProjectedEncoder, heldout: HeldOut, sample_rate: int, bat
             metrics[f"image_to_audio_R@{k}"] = _recall_at(image @ audio.T, same_class, k)
 
     # target-vs-mixture similarity gap
-    partners = mixture_partners(labels, seed)
-    targets, mixtures = [], []
-    for i, j in enumerate(partners):
-        length = min(heldout.waves[i].shape[-1], heldout.waves[j].shape[-1])
-        target = 0.5 * heldout.waves[i][:length]
-        targets.append(target)
-        mixtures.append(target + 0.5 * heldout.waves[j][:length])
+    targets, mixtures = heldout_mixtures(heldout, seed)
     target_emb = _embed_audio_batched(encoder, targets, sample_rate, batch_size).cpu()
     mixture_emb = _embed_audio_batched(encoder, mixtures, sample_rate, batch_size).cpu()
 
@@ -129,4 +185,23 @@ def _evaluate(encoder: ProjectedEncoder, heldout: HeldOut, sample_rate: int, bat
         metrics["gap_anchor"] = gap(anchor)
         metrics["anchor_target_cos"] = float((anchor * target_emb).sum(-1).mean())
     metrics["target_mixture_cos"] = float(F.cosine_similarity(target_emb, mixture_emb).mean())
+
+    # zero-shot classification over the held-out classes' texts
+    def zero_shot_correct(embeddings: torch.Tensor) -> torch.Tensor:
+        return ((embeddings @ text.T).argmax(dim=1) == label_index).double()
+
+    mixture_correct = zero_shot_correct(mixture_emb)
+    metrics["zero_shot_target_acc"] = float(zero_shot_correct(target_emb).mean())
+    metrics["zero_shot_mixture_acc"] = float(mixture_correct.mean())
+    if estimates is not None:
+        if len(estimates) != len(mixtures):
+            raise ValueError(f"{len(estimates)} estimates for {len(mixtures)} held-out mixtures")
+        estimate_emb = _embed_audio_batched(encoder, list(estimates), sample_rate, batch_size).cpu()
+        estimate_correct = zero_shot_correct(estimate_emb)
+        gain = estimate_correct - mixture_correct  # paired, per held-out clip
+        metrics["zero_shot_estimate_acc"] = float(estimate_correct.mean())
+        metrics["zero_shot_estimate_minus_mixture"] = float(gain.mean())
+        metrics["zero_shot_estimate_minus_mixture_se"] = float(gain.std() / len(gain) ** 0.5) if len(gain) > 1 else math.nan
+        query = text[label_index]
+        metrics["gap_text_estimate"] = float(((query * estimate_emb).sum(-1) - (query * mixture_emb).sum(-1)).mean())
     return metrics

@@ -42,16 +42,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
-from marsctl.align.config import AlignConfig, AudioAudioStageConfig, AudioImageStageConfig, StageCommon
+from marsctl.align.config import AlignConfig, AudioAudioStageConfig, AudioImageStageConfig, AudioTextStageConfig, StageCommon
 from marsctl.align.data import AudioCache, Clip, HeldOut, TrainingPool, acoustic_neighbors, class_profiles, read_clips
-from marsctl.align.losses import anchor_loss, consistency_loss, symmetric_info_nce, triplet_loss
-from marsctl.align.metrics import evaluate_alignment
-from marsctl.config import to_mapping
+from marsctl.align.losses import anchor_loss, consistency_loss, multi_positive_info_nce, symmetric_info_nce, triplet_loss
+from marsctl.align.metrics import evaluate_alignment, separate_heldout_mixtures
+from marsctl.config import from_mapping, to_mapping
 from marsctl.errors import ConfigError, MarsctlError
 from marsctl.files import atomic_path, write_json_atomic
 from marsctl.models.encoders import AnchorFusion, ProjectedEncoder, load_encoder, save_encoder
-from marsctl.progress import StepProgress
+from marsctl.progress import StepProgress, stage_progress
 
 STAGE_NAMES = {1: "audio-text", 2: "audio-audio", 3: "audio-image"}
 #: held-out retrieval each stage adds to checkpoint selection (see :func:`selection_score`)
@@ -97,6 +98,17 @@ def _mixture_partners(label_ids: torch.Tensor, gen: torch.Generator) -> torch.Te
     return torch.tensor(partners)
 
 
+def _with_interference(crops: torch.Tensor, label_ids: torch.Tensor, cfg: "AudioTextStageConfig", gen: torch.Generator) -> torch.Tensor:
+    """A share of the crops with another class's crop added, at a level (relative to the crop's RMS)
+    drawn from [interference_min_db, interference_max_db]: what a separated estimate sounds like."""
+    partners = _mixture_partners(label_ids, gen)
+    chosen = (torch.rand(len(crops), 1, generator=gen) < cfg.interference_share).to(crops.dtype)
+    level_db = cfg.interference_min_db + torch.rand(len(crops), 1, generator=gen) * (cfg.interference_max_db - cfg.interference_min_db)
+    rms = crops.pow(2).mean(-1, keepdim=True).sqrt()
+    gain = chosen * rms / (rms[partners] + 1e-8) * 10 ** (level_db / 20)
+    return crops + gain * crops[partners]
+
+
 def _anchor_term(encoder: ProjectedEncoder, crops: torch.Tensor, audio: torch.Tensor, anchor_audio: torch.Tensor,
                  text: torch.Tensor, image: torch.Tensor | None, label_ids: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     partners = _mixture_partners(label_ids, gen)
@@ -119,15 +131,28 @@ class Objectives:
         return int(round(cfg.crop_seconds * DATA_SAMPLE_RATE))
 
     def audio_text(self, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        cfg, enc, pool = self.config.stage1, self.encoder, self.pool
+        cfg: AudioTextStageConfig = self.config.stage1
+        enc, pool = self.encoder, self.pool
         indices = pool.sample_clips(cfg.batch_size, cfg.hard_negative_share, gen)
         crops = pool.crops(indices, self._samples(cfg), gen)
         label_ids, classes = _label_tensor([pool.clips[i].label for i in indices], enc.device)
+        if cfg.interference_share > 0:
+            crops = _with_interference(crops, label_ids, cfg, gen)
         audio = enc.embed_audio(crops, DATA_SAMPLE_RATE)
         text = enc.embed_text(classes)
-        # Eq. stage 1: L = 1/2 [CE(s a t^T) + CE(s t a^T)]
         text_ids = torch.arange(len(classes), device=enc.device)
-        info_nce = symmetric_info_nce(audio, text, label_ids, text_ids, enc.temperature_scale())
+        scale = enc.temperature_scale()
+        if cfg.text_negatives == "all":
+            # L = 1/2 [CE(s a T_all^T) + CE(s t a^T)]: each clip against every training class's text
+            vocabulary = pool.labels
+            all_text = enc.embed_text(vocabulary)
+            in_vocabulary = torch.tensor([vocabulary.index(c) for c in classes], device=enc.device)[label_ids]
+            audio_to_text = F.cross_entropy(scale * audio @ all_text.T, in_vocabulary)
+            text_to_audio = multi_positive_info_nce(scale * text @ audio.T, text_ids[:, None] == label_ids[None, :])
+            info_nce = 0.5 * (audio_to_text + text_to_audio)
+        else:
+            # Eq. stage 1: L = 1/2 [CE(s a t^T) + CE(s t a^T)]
+            info_nce = symmetric_info_nce(audio, text, label_ids, text_ids, scale)
         anchor = _anchor_term(enc, crops, audio, audio, text[label_ids], None, label_ids, gen)
         total = info_nce + cfg.anchor_weight * anchor
         return {"total": total, "info_nce_audio_text": info_nce, "anchor": anchor}
@@ -174,11 +199,17 @@ class Objectives:
 
 # --------------------------------------------------------------------------- the run
 def _check_run_config(out_dir: Path, config: AlignConfig, dataset_dir: Path) -> None:
+    def comparable(align: dict[str, Any]) -> dict[str, Any]:
+        # settings added since a run was started read as their defaults; the separator only adds reports
+        mapping = to_mapping(from_mapping(AlignConfig, align, "align_config.json"))
+        mapping["eval"].pop("separator")
+        return json.loads(json.dumps(mapping))
+
     record = {"align": to_mapping(config), "data": str(dataset_dir.resolve())}
     path = out_dir / "align_config.json"
     if path.is_file():
         previous = json.loads(path.read_text(encoding="utf-8"))
-        if json.loads(json.dumps(record)) != previous:
+        if comparable(record["align"]) != comparable(previous.get("align", {})) or record["data"] != previous.get("data"):
             raise ConfigError(
                 f"{out_dir}: holds an alignment run with another config or dataset; use a new --out or the same settings to resume"
             )
@@ -186,7 +217,7 @@ def _check_run_config(out_dir: Path, config: AlignConfig, dataset_dir: Path) -> 
         write_json_atomic(path, record)
 
 
-def _held_out(clips: list[Clip], config: AlignConfig, reporter: Reporter) -> tuple[HeldOut, HeldOut]:
+def _held_out(clips: list[Clip], config: AlignConfig, reporter: Reporter, device: str | torch.device) -> tuple[HeldOut, HeldOut]:
     splits = {c.split for c in clips}
     select_split = config.eval.select_split if config.eval.select_split in splits else config.eval.report_split
     report_split = config.eval.report_split if config.eval.report_split in splits else select_split
@@ -205,6 +236,10 @@ def _held_out(clips: list[Clip], config: AlignConfig, reporter: Reporter) -> tup
     for heldout in {id(select): select, id(report): report}.values():
         for clip_id, problem in heldout.failed.items():
             reporter.log(f"skipping held-out clip {clip_id}: {problem}")
+        if ev.separator:  # once: the separator does not change while the encoder is aligned
+            with stage_progress(f"separating the {heldout.split} mixtures with {ev.separator}", len(heldout),
+                                show=bool(reporter.progress)) as advance:
+                heldout.estimates = separate_heldout_mixtures(ev.separator, heldout, DATA_SAMPLE_RATE, config.seed, device, advance)
     return select, report
 
 
@@ -231,7 +266,7 @@ def run_alignment(
     image_pool = TrainingPool(framed, cache, neighbors, reporter.log) if len({c.label for c in framed}) >= 2 else None
     if 3 in config.stages and image_pool is None:
         raise ConfigError(f"{dataset_dir}: stage 3 (audio-image) needs clips with frames of two or more classes; use --stages 1,2")
-    select, report = _held_out(clips, config, reporter)
+    select, report = _held_out(clips, config, reporter, device)
     reporter.log(
         f"{len(train_clips)} training clips, {len(pool.labels)} classes; held-out: {len(select)} ({select.split}) "
         f"and {len(report)} ({report.split}) clips"
@@ -378,7 +413,8 @@ def format_stage_report(result: dict[str, Any]) -> str:
     parts = [f"stage {result['stage']} ({result['name']}) best step {result['best_step']} on {m.get('split')}:"]
     for key in ("text_to_audio_R@1", "text_to_audio_R@5", "audio_to_text_R@1", "audio_to_text_R@5",
                 "audio_to_audio_R@1", "audio_to_image_R@1", "image_to_audio_R@1",
-                "gap_text", "gap_audio", "gap_anchor", "chance_R@1"):
+                "gap_text", "gap_audio", "gap_anchor", "chance_R@1",
+                "zero_shot_target_acc", "zero_shot_mixture_acc", "zero_shot_estimate_acc", "gap_text_estimate"):
         if key in m:
             parts.append(f"{key}={m[key]:.3f}")
     return " ".join(parts)

@@ -18,7 +18,8 @@ ALIGN_HELP = (
     "small from-scratch trunks and the reward anchor z* are trained. Each stage starts from the previous "
     "stage's best checkpoint.\n\n"
     "After every stage it prints and saves text->audio / audio->text R@1 and R@5 on held-out clips and the "
-    "target-vs-mixture similarity gap. Rerun the same command after a kill to resume. The aligned encoder is "
+    "target-vs-mixture similarity gap, and zero-shot classification accuracy of clean targets and of their "
+    "mixtures (and, with --separator, of a separator's estimates). Rerun the same command after a kill to resume. The aligned encoder is "
     "written to OUT/encoder (use it as --encoder / reward encoder elsewhere).\n\n"
     "Example: marsctl align --encoder builtin --data data/soundfont --stages 1,2 --recipe quick --out runs/align"
 )
@@ -28,6 +29,7 @@ SUMMARY_METRICS = (
     "text_to_audio_R@1", "text_to_audio_R@5", "audio_to_text_R@1", "audio_to_text_R@5",
     "audio_to_audio_R@1", "audio_to_image_R@1", "image_to_audio_R@1",
     "gap_text", "gap_audio", "gap_anchor", "chance_R@1",
+    "zero_shot_target_acc", "zero_shot_mixture_acc", "zero_shot_estimate_acc", "gap_text_estimate",
 )
 
 
@@ -64,6 +66,11 @@ def align_cmd(
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Align recipe: a name in recipes/align (default, quick) or a YAML path."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1 ... or auto (cuda when available)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default: the recipe's)."),
+    separator: Optional[str] = typer.Option(
+        None, "--separator",
+        help="Also separate the held-out mixtures once with this separator ('default', a 'marsctl train sup' run directory "
+             "or Hub id) and report, after every stage, how often the encoder classifies its estimates as the target class.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     push_to: Optional[str] = PUSH_TO_OPTION,
     reuse: bool = REUSE_OPTION,
@@ -78,6 +85,8 @@ def align_cmd(
         overrides: dict[str, Any] = {"encoder": encoder, "seed": seed, "image_model": image_model}
         if stages is not None:
             overrides["stages"] = parse_stages(stages)
+        if separator is not None:
+            overrides["eval"] = {"separator": separator}
         config = load_align_config(recipe, overrides)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"

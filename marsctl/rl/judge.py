@@ -10,6 +10,12 @@ over every source of the fixed validation mixtures, logged as ``val_judge_score`
 previous one and with the first: when the reward rose by more than ``REWARD_TOLERANCE`` while
 the judge's score fell by more than ``JUDGE_TOLERANCE``, the trainer logs a one-line warning
 and sets ``val_reward_hacking`` to 1 in ``metrics.jsonl`` (0 otherwise).
+
+On labelled data the references give a second witness that needs no judge: validation SI-SDRi
+(:class:`SiSdriWitness`). A reward that rises while it falls by more than ``SI_SDRI_TOLERANCE``
+dB is warned about the same way, judge or not. (Measured on the union corpus: the semantic rewards
+raised the independent judge's score too, so the judge stayed quiet, while SI-SDRi fell;
+BENCHMARKS.md section 7.4.)
 """
 
 from __future__ import annotations
@@ -28,7 +34,10 @@ from marsctl.train.validation import finite_mean, mode_estimates
 REWARD_TOLERANCE = 0.01
 #: a drop of the judge's score (100 x cosine, so points out of 100) larger than this counts as "fell"
 JUDGE_TOLERANCE = 0.5
+#: a drop of validation SI-SDRi (dB) larger than this counts as "fell"
+SI_SDRI_TOLERANCE = 0.25
 REWARD_KEY, JUDGE_KEY, FLAG_KEY = "val_reward", "val_judge_score", "val_reward_hacking"
+SI_SDRI_KEY = "val_si_sdri"
 
 
 def _finite(record: Mapping[str, Any], key: str) -> bool:
@@ -37,12 +46,13 @@ def _finite(record: Mapping[str, Any], key: str) -> bool:
 
 
 def reward_hacking_warning(history: Sequence[Mapping[str, Any]], reward_tolerance: float = REWARD_TOLERANCE,
-                           judge_tolerance: float = JUDGE_TOLERANCE) -> str | None:
+                           judge_tolerance: float = JUDGE_TOLERANCE, witness_key: str = JUDGE_KEY,
+                           witness: str = "the judge's score") -> str | None:
     """One line when, at the latest validation of ``history`` (records with ``val_reward`` and
-    ``val_judge_score``; others are skipped), the reward rose by more than ``reward_tolerance``
-    while the judge's score fell by more than ``judge_tolerance``, since the previous validation or
-    since the first one; None otherwise (also with fewer than two validations)."""
-    validations = [h for h in history if _finite(h, REWARD_KEY) and _finite(h, JUDGE_KEY)]
+    ``witness_key``, by default ``val_judge_score``; others are skipped), the reward rose by more
+    than ``reward_tolerance`` while the witness fell by more than ``judge_tolerance``, since the
+    previous validation or since the first one; None otherwise (also with fewer than two validations)."""
+    validations = [h for h in history if _finite(h, REWARD_KEY) and _finite(h, witness_key)]
     if len(validations) < 2:
         return None
     last = validations[-1]
@@ -51,14 +61,39 @@ def reward_hacking_warning(history: Sequence[Mapping[str, Any]], reward_toleranc
         references.append(("the start", validations[0]))
     for name, before in references:
         reward_change = last[REWARD_KEY] - before[REWARD_KEY]
-        judge_change = last[JUDGE_KEY] - before[JUDGE_KEY]
+        judge_change = last[witness_key] - before[witness_key]
         if reward_change > reward_tolerance and judge_change < -judge_tolerance:
             where = f"step {before['step']}, " if before.get("step") is not None else ""
             at = f" at step {last['step']}" if last.get("step") is not None else ""
             return (f"possible reward hacking{at}: since {where}{name}, "
-                    f"the validation reward rose {before[REWARD_KEY]:.3f} -> {last[REWARD_KEY]:.3f} while the judge's score "
-                    f"fell {before[JUDGE_KEY]:.2f} -> {last[JUDGE_KEY]:.2f}")
+                    f"the validation reward rose {before[REWARD_KEY]:.3f} -> {last[REWARD_KEY]:.3f} while {witness} "
+                    f"fell {before[witness_key]:.2f} -> {last[witness_key]:.2f}")
     return None
+
+
+class SiSdriWitness:
+    """The reference-based witness of reward hacking: validation SI-SDRi against the validation
+    reward, over the run's validations (kept across resumes through the loop's history)."""
+
+    def __init__(self, log: Callable[[str], None] | None = None, tolerance: float = SI_SDRI_TOLERANCE):
+        self.log, self.tolerance = log or (lambda message: None), tolerance
+        self.history: list[dict[str, Any]] = []
+
+    def validate(self, step: int | None, metrics: Mapping[str, Any]) -> bool:
+        """Record this validation (``val_reward``, ``val_si_sdri`` in ``metrics``); True (and one
+        logged line) when the reward rose while SI-SDRi fell beyond the tolerance."""
+        if not (_finite(metrics, REWARD_KEY) and _finite(metrics, SI_SDRI_KEY)):
+            return False
+        self.history.append({"step": step, REWARD_KEY: metrics[REWARD_KEY], SI_SDRI_KEY: metrics[SI_SDRI_KEY]})
+        warning = reward_hacking_warning(self.history, judge_tolerance=self.tolerance, witness_key=SI_SDRI_KEY,
+                                         witness="validation SI-SDRi (dB)")
+        if warning:
+            self.log(f"warning: {warning}")
+        return warning is not None
+
+    def load_history(self, history: Sequence[Mapping[str, Any]]) -> None:
+        self.history = [{"step": h.get("step"), REWARD_KEY: h[REWARD_KEY], SI_SDRI_KEY: h[SI_SDRI_KEY]}
+                        for h in history if _finite(h, REWARD_KEY) and _finite(h, SI_SDRI_KEY)]
 
 
 @torch.no_grad()

@@ -7,7 +7,8 @@ estimate, registered by name with the inputs it reads::
     def si_sdr_reward(batch): ...
 
 The inputs a term may declare (:data:`REWARD_INPUTS`): the estimates, the mixtures, the
-targets, the query embeddings, the anchors z* and the estimates' embeddings; the trainer
+targets, the query embeddings, the anchors z*, the estimates' embeddings and those of the
+residuals (x - y_hat); the trainer
 computes only what the weighted terms read (no reward-encoder pass when none reads an
 embedding). Recipes weigh terms by name, ``rewards: {si_sdr: 1.0, energy_guard: 1.0}`` (or
 under ``rewards.weights``); the total is ``R = sum_i w_i r_i`` and every ``r_i`` is reported on
@@ -21,6 +22,13 @@ The terms registered here:
     trainer says so in its log (:func:`anchor_embeddings` returns which one was used).
 ``query_similarity``
     cos(phi_a(y_hat), q) with the query in the reward encoder's space.
+``query_contrast`` (reference-free, an extension)
+    cos(phi_a(y_hat), q) - cos(phi_a(x - y_hat), q): the estimate should sound like the query
+    and what the mask leaves out (the residual) should not, so the query's sound left in the
+    residual costs reward twice. Needs no reference; one more reward-encoder pass (the
+    residuals are embedded with the estimates, in one batch). An all-pass mask leaves a silent
+    residual, scored by whatever ``phi_a(silence)`` is near: the term alone does not keep a
+    policy from passing everything.
 ``si_sdr``
     SI-SDR of the estimate against the known target, clamped to +-``si_sdr_cap_db`` and
     divided by it, so the term lies in [-1, 1] like the cosines (a perfect estimate gives 1).
@@ -78,6 +86,7 @@ class RewardBatch:
     queries: torch.Tensor | None = None  # q in the reward encoder's space [..., D]
     targets: torch.Tensor | None = None  # ground-truth target as in the mix [..., T]
     residuals: torch.Tensor | None = None  # separately estimated residual [..., T] (None: x - y_hat)
+    residual_embeddings: torch.Tensor | None = None  # phi_a(residual) [..., D], unit norm (residual: x - y_hat if not given)
     #: |X|^2 of the mixtures [..., 513, frames], when the caller already has it
     mixture_power: torch.Tensor | None = None
     #: K: score the signal terms per consecutive time segment ([..., K]); 1 = one score per clip
@@ -87,7 +96,8 @@ class RewardBatch:
 
 
 #: what a reward term may read (fields of RewardBatch), declared with ``needs`` when registering it
-REWARD_INPUTS = ("estimates", "mixtures", "targets", "queries", "anchors", "estimate_embeddings", "residuals")
+REWARD_INPUTS = ("estimates", "mixtures", "targets", "queries", "anchors", "estimate_embeddings", "residuals",
+                 "residual_embeddings")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +145,15 @@ def query_similarity_reward(batch: RewardBatch) -> torch.Tensor:
     emb = _need(batch.estimate_embeddings, "estimate embeddings", "query_similarity").float()
     queries = _need(batch.queries, "query embeddings", "query_similarity").float()
     return F.cosine_similarity(emb, queries.expand_as(emb), dim=-1)
+
+
+@reward("query_contrast", needs=("estimate_embeddings", "residual_embeddings", "queries"))
+def query_contrast_reward(batch: RewardBatch) -> torch.Tensor:
+    """cos(phi_a(y_hat), q) - cos(phi_a(x - y_hat), q)."""
+    emb = _need(batch.estimate_embeddings, "estimate embeddings", "query_contrast").float()
+    residual = _need(batch.residual_embeddings, "residual embeddings", "query_contrast").float()
+    queries = _need(batch.queries, "query embeddings", "query_contrast").float()
+    return F.cosine_similarity(emb, queries.expand_as(emb), dim=-1) - F.cosine_similarity(residual, queries.expand_as(residual), dim=-1)
 
 
 @reward("si_sdr", needs=("estimates", "targets"))

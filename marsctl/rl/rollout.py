@@ -91,14 +91,18 @@ class RewardModel:
         device = self.encoder.device
         functions = [f for f in self.functions if (all_terms or f.weight != 0) and (targets is not None or "targets" not in f.needs)]
         needs = {need for f in functions for need in f.needs}
-        embeddings = anchors = reward_queries = None
+        embeddings = residual_embeddings = anchors = reward_queries = None
         source = None
         with torch.autocast(device_type=estimates.device.type, enabled=False):  # the reward encoder runs in fp32
-            if "estimate_embeddings" in needs:
-                # e_{g,b} = phi_a(y_{g,b}): all G*B estimates in one batch
-                waves = estimates.reshape(group * batch, length).float().to(device)
-                embeddings = self.encoder.embed_audio(waves, self.signal.sample_rate, differentiable=differentiable)
-                embeddings = embeddings.float().view(group, batch, -1).to(estimates.device)
+            if needs & {"estimate_embeddings", "residual_embeddings"}:
+                # e_{g,b} = phi_a(y_{g,b}) (and phi_a(x_b - y_{g,b}) when a term reads it): all in one batch
+                waves = [estimates.reshape(group * batch, length)]
+                if "residual_embeddings" in needs:
+                    waves.append((mixtures.expand_as(estimates) - estimates).reshape(group * batch, length))
+                joint = self.encoder.embed_audio(torch.cat(waves).float().to(device), self.signal.sample_rate, differentiable=differentiable)
+                joint = joint.float().view(len(waves), group, batch, -1).to(estimates.device)
+                embeddings = joint[0]
+                residual_embeddings = joint[1] if len(waves) > 1 else None
             if needs & {"queries", "anchors"}:
                 if self.same_space_as_queries and queries is not None:
                     reward_queries = queries.float()
@@ -112,6 +116,7 @@ class RewardModel:
                 anchors = anchors.to(estimates.device)
             reward_batch = RewardBatch(
                 estimates=estimates.float(), mixtures=mixtures.float(), signal=self.signal, estimate_embeddings=embeddings,
+                residual_embeddings=residual_embeddings,
                 anchors=anchors, queries=reward_queries, targets=None if targets is None else targets.float(),
                 mixture_power=mixture_power, segments=self.segments, config=self.config,
             )

@@ -37,7 +37,7 @@ from marsctl.models.separator import Separator, load_separator, save_separator
 from marsctl.queries import QueryBuilder
 from marsctl.rl.advantages import MovingAverageBaseline, zero_spread_fraction
 from marsctl.rl.config import ESTIMATOR_SUMMARY, RESUME_KEYS, RLConfig, load_rl_config
-from marsctl.rl.judge import RLJudge
+from marsctl.rl.judge import FLAG_KEY, RLJudge, SiSdriWitness
 from marsctl.rl.rewards import reward_functions
 from marsctl.rl.rollout import RewardModel, validation_reward
 from marsctl.rl.update import rl_update
@@ -65,9 +65,11 @@ class RLTask:
     artifact = "latest"
 
     def __init__(self, config: RLConfig, model: Separator, reference: Separator, encoder: QueryEncoder, encoder_spec: str,
-                 reward_model: RewardModel, dataset_dir: Path, ctx: DistributedContext, judge: RLJudge | None = None):
+                 reward_model: RewardModel, dataset_dir: Path, ctx: DistributedContext, judge: RLJudge | None = None,
+                 log: Callable[[str], None] | None = None):
         self.config, self.model, self.reference, self.ctx = config, model, reference, ctx
         self.judge, self.step = judge, 0  # the independent judge of validations (config.judge), the latest step
+        self.si_sdri_witness = SiSdriWitness(judge.log if judge is not None else log)  # reward up, SI-SDRi down: warned
         self.encoder_spec, self.reward_model = encoder_spec, reward_model
         self.signal = model.config.signal
         #: the policy's Beta concentration (a policy setting: the loaded architecture is not edited)
@@ -135,8 +137,11 @@ class RLTask:
         rewards = validation_reward(self.model, val_set, self.queries, self.reward_model, self.config.group_size, self.ctx.device,
                                     self.config.seed, kappa=self.kappa)
         out = {"val_si_sdri": metrics["si_sdri"], **{f"val_{k}": v for k, v in rewards.items()}}
+        hacking = self.si_sdri_witness.validate(self.step, out)
         if self.judge is not None:  # val_judge_score beside val_reward, and the reward-hacking flag
             out.update(self.judge.validate(self.model, val_set, self.queries, self.ctx.device, self.step, out, estimates))
+            hacking = hacking or out[FLAG_KEY] == 1.0
+        out[FLAG_KEY] = 1.0 if hacking else 0.0
         return out
 
     def save_artifact(self, directory: Path, step: int, scores: Scores) -> None:
@@ -159,6 +164,7 @@ class RLTask:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.baseline is not None and state.get("baseline") is not None:
             self.baseline.load_state_dict(state["baseline"])
+        self.si_sdri_witness.load_history(state.get("history", []))
         if self.judge is not None:
             self.judge.load_state_dict(state.get("judge"), state.get("history", []))
 
@@ -244,6 +250,6 @@ def train_rl(
     if config.queries:
         task = folder_task(config, model, reference, encoder, encoder_spec, reward_encoder, ctx, say)
     else:
-        task = RLTask(config, model, reference, encoder, encoder_spec, reward_model, dataset_dir, ctx, judge=judge)
+        task = RLTask(config, model, reference, encoder, encoder_spec, reward_model, dataset_dir, ctx, judge=judge, log=say)
     result = run_training(task, config, run_dir, ctx, resume=resume, progress=progress, on_step_end=on_step_end, log=say)
     return RLResult(model=model, run_dir=Path(run_dir), step=result.step, history=result.history)
