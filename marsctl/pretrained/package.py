@@ -1,6 +1,6 @@
 """Package a supervised (or RL) run as the embedded default model (how marsctl/pretrained/ was made).
 
-    python -m marsctl.pretrained.package RUN_DIR DATASET_DIR [--encoder ALIGNED_ENCODER_DIR]
+    python -m marsctl.pretrained.package RUN_DIR DATASET_DIR [--encoder ALIGNED_ENCODER_DIR] [--recipe NAME]
 
 1. copies the run's model (``config.json``, ``model.safetensors``) into
    ``marsctl/pretrained/separator/`` and saves its query encoder beside it in ``encoder/``
@@ -127,7 +127,7 @@ def write_examples(dataset_dir: Path, chosen: list[dict]) -> list[dict]:
     return examples
 
 
-def package(run_dir: Path, dataset_dir: Path, encoder_dir: Path | None = None) -> dict:
+def package(run_dir: Path, dataset_dir: Path, encoder_dir: Path | None = None, recipe: str = "union-small") -> dict:
     from marsctl.data.manifest import load_clips
     from marsctl.data.union import source_groups
 
@@ -172,7 +172,7 @@ def package(run_dir: Path, dataset_dir: Path, encoder_dir: Path | None = None) -
     n_params = sum(p.numel() for p in model.model.parameters())
     size_mb = (target / "model.safetensors").stat().st_size / 1e6
     write_text_atomic(target / "README.md", model_card(model, training, overall, groups, per_class, labels, aligned,
-                                                       dataset_dir, n_params, size_mb, train_minutes))
+                                                       dataset_dir, n_params, size_mb, train_minutes, recipe))
     return {"overall": overall, "by_group": groups, "examples": examples, "params": n_params, "size_mb": size_mb}
 
 
@@ -181,7 +181,8 @@ def _cell(mean: float, se: float) -> str:
 
 
 def model_card(model, training: dict, overall: list[dict], groups: list[dict], per_class: list[dict], labels: list[str],
-               aligned: dict | None, dataset_dir: Path, n_params: int, size_mb: float, train_minutes: float) -> str:
+               aligned: dict | None, dataset_dir: Path, n_params: int, size_mb: float, train_minutes: float,
+               recipe: str = "union-small") -> str:
     description = json.loads((dataset_dir / "dataset.json").read_text()).get("description", "") if (dataset_dir / "dataset.json").is_file() else ""
     systems = sorted({(g["system"], g["query_modality"]) for g in groups})
     names = sorted({g["group"] for g in groups}, key=lambda n: (n.startswith("soundfont"), n))
@@ -212,7 +213,7 @@ all-MiniLM-L6-v2 text tower; saved in `encoder/`). Encoder: {alignment}.
 
 - data: `{training.get('data')}`: {description}
   {len(labels)} classes (the list is `labels` in `config.json`; `separate` warns about queries far from all of them).
-- recipe: `recipes/train/union-small.yaml` (`marsctl train sup --recipe union-small --data data/union`){f', warm-started from `{Path(start).name}` (the previous default, 10 instruments)' if start else ''}
+- recipe: `recipes/train/{recipe}.yaml` (`marsctl train sup --recipe {recipe} --data data/union`){f', warm-started from the separator `{Path(start).name}`' if start else ''}
 - {training.get('step')} steps of batch {training.get('batch_size')} on a shared 2-core CPU (about {train_minutes:.0f} min of
   training steps), AdamW lr {training.get('learning_rate')} (warmup {training.get('warmup_steps')}, cosine), OmniSep weighted-BCE mask
   loss, text queries (the class name); best validation SI-SDRi {training.get('best_val_si_sdri_db', float('nan')):.2f} dB on
@@ -251,9 +252,10 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("dataset_dir", type=Path)
     parser.add_argument("--encoder", type=Path, help="an aligned encoder to ship (same text space as the run's)")
+    parser.add_argument("--recipe", default="union-small", help="the recipes/train name the run was trained with (for the card)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    result = package(args.run_dir, args.dataset_dir, args.encoder)
+    result = package(args.run_dir, args.dataset_dir, args.encoder, args.recipe)
     print(json.dumps({k: v for k, v in result.items() if k != "overall"}, indent=2))
     print(markdown_table(result["overall"]))
 
