@@ -139,19 +139,19 @@ class Objectives:
         if cfg.interference_share > 0:
             crops = _with_interference(crops, label_ids, cfg, gen)
         audio = enc.embed_audio(crops, DATA_SAMPLE_RATE)
-        text = enc.embed_text(classes)
         text_ids = torch.arange(len(classes), device=enc.device)
         scale = enc.temperature_scale()
         if cfg.text_negatives == "all":
             # L = 1/2 [CE(s a T_all^T) + CE(s t a^T)]: each clip against every training class's text
-            vocabulary = pool.labels
-            all_text = enc.embed_text(vocabulary)
-            in_vocabulary = torch.tensor([vocabulary.index(c) for c in classes], device=enc.device)[label_ids]
-            audio_to_text = F.cross_entropy(scale * audio @ all_text.T, in_vocabulary)
+            all_text = enc.embed_text(pool.labels)  # one text pass: the batch's classes are rows of it
+            in_vocabulary = torch.tensor([pool.labels.index(c) for c in classes], device=enc.device)
+            text = all_text[in_vocabulary]
+            audio_to_text = F.cross_entropy(scale * audio @ all_text.T, in_vocabulary[label_ids])
             text_to_audio = multi_positive_info_nce(scale * text @ audio.T, text_ids[:, None] == label_ids[None, :])
             info_nce = 0.5 * (audio_to_text + text_to_audio)
         else:
             # Eq. stage 1: L = 1/2 [CE(s a t^T) + CE(s t a^T)]
+            text = enc.embed_text(classes)
             info_nce = symmetric_info_nce(audio, text, label_ids, text_ids, scale)
         anchor = _anchor_term(enc, crops, audio, audio, text[label_ids], None, label_ids, gen)
         total = info_nce + cfg.anchor_weight * anchor

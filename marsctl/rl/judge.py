@@ -71,29 +71,40 @@ def reward_hacking_warning(history: Sequence[Mapping[str, Any]], reward_toleranc
     return None
 
 
-class SiSdriWitness:
-    """The reference-based witness of reward hacking: validation SI-SDRi against the validation
-    reward, over the run's validations (kept across resumes through the loop's history)."""
+class HackingWitness:
+    """One witness of reward hacking: the validations' ``val_reward`` against another validation
+    metric (``key``) that should not fall while the reward rises; :func:`reward_hacking_warning`
+    over the run's validations, kept across resumes through the loop's history."""
 
-    def __init__(self, log: Callable[[str], None] | None = None, tolerance: float = SI_SDRI_TOLERANCE):
-        self.log, self.tolerance = log or (lambda message: None), tolerance
+    def __init__(self, key: str, tolerance: float, description: str, log: Callable[[str], None] | None = None,
+                 suffix: str = ""):
+        self.key, self.tolerance, self.description, self.suffix = key, tolerance, description, suffix
+        self.log = log or (lambda message: None)
+        #: the validations so far: {"step", "val_reward", key}
         self.history: list[dict[str, Any]] = []
 
     def validate(self, step: int | None, metrics: Mapping[str, Any]) -> bool:
-        """Record this validation (``val_reward``, ``val_si_sdri`` in ``metrics``); True (and one
-        logged line) when the reward rose while SI-SDRi fell beyond the tolerance."""
-        if not (_finite(metrics, REWARD_KEY) and _finite(metrics, SI_SDRI_KEY)):
+        """Record this validation (``val_reward`` and the witness's key in ``metrics``); True (and one
+        logged line) when the reward rose while the witness fell beyond the tolerance."""
+        if not (_finite(metrics, REWARD_KEY) and _finite(metrics, self.key)):
             return False
-        self.history.append({"step": step, REWARD_KEY: metrics[REWARD_KEY], SI_SDRI_KEY: metrics[SI_SDRI_KEY]})
-        warning = reward_hacking_warning(self.history, judge_tolerance=self.tolerance, witness_key=SI_SDRI_KEY,
-                                         witness="validation SI-SDRi (dB)")
+        self.history.append({"step": step, REWARD_KEY: metrics[REWARD_KEY], self.key: metrics[self.key]})
+        warning = reward_hacking_warning(self.history, judge_tolerance=self.tolerance, witness_key=self.key,
+                                         witness=self.description)
         if warning:
-            self.log(f"warning: {warning}")
+            self.log(f"warning: {warning}{self.suffix}")
         return warning is not None
 
     def load_history(self, history: Sequence[Mapping[str, Any]]) -> None:
-        self.history = [{"step": h.get("step"), REWARD_KEY: h[REWARD_KEY], SI_SDRI_KEY: h[SI_SDRI_KEY]}
-                        for h in history if _finite(h, REWARD_KEY) and _finite(h, SI_SDRI_KEY)]
+        self.history = [{"step": h.get("step"), REWARD_KEY: h[REWARD_KEY], self.key: h[self.key]}
+                        for h in history if _finite(h, REWARD_KEY) and _finite(h, self.key)]
+
+
+class SiSdriWitness(HackingWitness):
+    """The reference-based witness: validation SI-SDRi (dB), on labelled data, judge or not."""
+
+    def __init__(self, log: Callable[[str], None] | None = None, tolerance: float = SI_SDRI_TOLERANCE):
+        super().__init__(SI_SDRI_KEY, tolerance, "validation SI-SDRi (dB)", log)
 
 
 @torch.no_grad()
@@ -114,8 +125,16 @@ class RLJudge:
         self.scorer = TextAudioScorer(encoder, sample_rate)
         self.fingerprint = encoder_fingerprint(encoder)
         self.log = log or (lambda message: None)
-        #: the validations so far: {"step", "val_reward", "val_judge_score"}
-        self.history: list[dict[str, Any]] = []
+        self.witness = HackingWitness(JUDGE_KEY, JUDGE_TOLERANCE, "the judge's score", self.log, suffix=f" (judge {spec})")
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The validations so far: {"step", "val_reward", "val_judge_score"}."""
+        return self.witness.history
+
+    @history.setter
+    def history(self, value: list[dict[str, Any]]) -> None:
+        self.witness.history = value
 
     @classmethod
     def load(cls, spec: str, reward_encoder: QueryEncoder, sample_rate: int, device: str | torch.device,
@@ -135,11 +154,8 @@ class RLJudge:
         fires, which is logged) for this validation, whose other ``metrics`` hold ``val_reward``;
         ``estimates``: the validation's mode-mask estimates, when already separated."""
         score = validation_judge_score(model, mixtures, queries, self.scorer, device, estimates)
-        self.history.append({"step": step, REWARD_KEY: metrics.get(REWARD_KEY), JUDGE_KEY: score})
-        warning = reward_hacking_warning(self.history)
-        if warning:
-            self.log(f"warning: {warning} (judge {self.spec})")
-        return {JUDGE_KEY: score, FLAG_KEY: 1.0 if warning else 0.0}
+        warned = self.witness.validate(step, {REWARD_KEY: metrics.get(REWARD_KEY), JUDGE_KEY: score})
+        return {JUDGE_KEY: score, FLAG_KEY: 1.0 if warned else 0.0}
 
     def state_dict(self) -> dict[str, Any]:
         return {"fingerprint": self.fingerprint}
@@ -147,9 +163,8 @@ class RLJudge:
     def load_state_dict(self, state: Mapping[str, Any] | None, history: Sequence[Mapping[str, Any]]) -> None:
         """On resume: the checkpoint's validations count when they were judged by the same encoder."""
         if state and state.get("fingerprint") == self.fingerprint:
-            self.history = [{"step": h.get("step"), REWARD_KEY: h[REWARD_KEY], JUDGE_KEY: h[JUDGE_KEY]}
-                            for h in history if _finite(h, REWARD_KEY) and _finite(h, JUDGE_KEY)]
+            self.witness.load_history(history)
         else:
-            self.history = []
+            self.witness.load_history([])
             if any(JUDGE_KEY in h for h in history):
                 self.log(f"judge {self.spec} differs from the checkpoint's: the reward-hacking check starts over")
