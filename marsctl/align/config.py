@@ -53,6 +53,16 @@ class AudioTextStageConfig(StageCommon):
     interference_share: float = setting(0.0, ge=0, le=1)
     interference_min_db: float = -20.0
     interference_max_db: float = -6.0
+    #: weight of the reward-ascent ranking term (marsctl.align.ascent): partial separations of the
+    #: batch's targets, one step up the encoder's own reward from each, the target and the mixture are
+    #: ranked by SI-SDR, and the text and anchor rewards must order them the same way, so that climbing
+    #: the reward (pathwise RL) raises SI-SDR. 0 = off (the paper's stage 1); checkpoints of a stage
+    #: with it on are also selected on the held-out ascent (selection_score)
+    ascent_ranking_weight: float = setting(0.0, ge=0)
+    #: weight of the reward-gradient agreement term (marsctl.align.ascent.ascent_agreement_loss):
+    #: 1 - cos(dr/dM, dSI-SDR/dM) on partial separations of the batch's targets, for the text and
+    #: anchor rewards (double backward: about twice the cost of a stage-1 step). 0 = off
+    ascent_agreement_weight: float = setting(0.0, ge=0)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -25,6 +25,21 @@ classified as the target's class) and ``zero_shot_estimate_acc``
 its standard error); ``gap_text_estimate`` is
 ``cos(q, phi_a(estimate)) - cos(q, phi_a(mixture))`` for the class text ``q``, the reward
 signal a text-query reward actually sees from this separator.
+
+Leakage ordering (does the reward rank a cleaner estimate above a leakier one, what pathwise RL
+climbs?): every target of the seeded mixtures is given its partner back at target-to-interference
+ratios :data:`LEAKAGE_LADDER_DB` (clean, 20, 12, 6, 0 dB), and the reward of each rung is
+computed: ``cos(q, phi_a(rung))`` for the class text (``leakage_concordance_text``) and for the
+anchor z* of the target (``leakage_concordance_anchor``). The concordance is the share of the
+ladder's rung pairs (10 per clip) that the reward orders as the leakage does (cleaner scores
+higher), averaged over clips: 0.5 is chance, 1 a reward that always prefers the cleaner estimate.
+``leakage_slope_text`` is the mean drop of the text reward from the clean rung to the 0 dB rung.
+
+Reward ascent (:func:`marsctl.align.ascent.ascent_report`): from a partial separation of each
+target (leakage 0.3, seeded mask noise), one step up the text / anchor reward's gradient in the
+mask; ``ascent_si_sdr_text`` / ``ascent_si_sdr_anchor`` are the mean SI-SDR changes (dB, with
+``_se``) and ``ascent_positive_*`` the shares of pairs where it rose: what pathwise RL on that
+reward does to separation, locally.
 """
 
 from __future__ import annotations
@@ -36,10 +51,13 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from marsctl.align.ascent import ascent_report
 from marsctl.align.data import HeldOut
 from marsctl.models.encoders.common import ProjectedEncoder
 
 RECALL_KS = (1, 5)
+#: target-to-interference ratios (dB) of the leakage ladder, cleanest first (inf = the clean target)
+LEAKAGE_LADDER_DB = (math.inf, 20.0, 12.0, 6.0, 0.0)
 
 
 def _recall_at(similarity: torch.Tensor, relevant: torch.Tensor, k: int) -> float:
@@ -83,6 +101,24 @@ def heldout_mixtures(heldout: HeldOut, seed: int) -> tuple[list[torch.Tensor], l
         targets.append(target)
         mixtures.append(target + 0.5 * heldout.waves[j][:length])
     return targets, mixtures
+
+
+def leakage_ladder(target: torch.Tensor, interference: torch.Tensor, ratios_db=LEAKAGE_LADDER_DB) -> torch.Tensor:
+    """``[rungs, T]``: ``target + g_k * interference`` with ``g_k`` such that the target-to-interference
+    energy ratio is ``ratios_db[k]`` (``inf``: the target alone)."""
+    target_rms = target.pow(2).mean().sqrt()
+    interference_rms = interference.pow(2).mean().sqrt() + 1e-8
+    rungs = [target if math.isinf(db) else target + interference * (target_rms / interference_rms) * 10 ** (-db / 20)
+             for db in ratios_db]
+    return torch.stack(rungs)
+
+
+def ordering_concordance(scores: torch.Tensor) -> torch.Tensor:
+    """Per row of ``[N, rungs]`` scores (cleanest rung first): the share of rung pairs i < j with
+    ``scores[i] > scores[j]`` (ties count half)."""
+    i, j = torch.triu_indices(scores.shape[1], scores.shape[1], offset=1)
+    difference = scores[:, i] - scores[:, j]
+    return ((difference > 0).double() + 0.5 * (difference == 0).double()).mean(-1)
 
 
 @torch.no_grad()
@@ -185,6 +221,26 @@ def _evaluate(encoder: ProjectedEncoder, heldout: HeldOut, sample_rate: int, bat
         metrics["gap_anchor"] = gap(anchor)
         metrics["anchor_target_cos"] = float((anchor * target_emb).sum(-1).mean())
     metrics["target_mixture_cos"] = float(F.cosine_similarity(target_emb, mixture_emb).mean())
+
+    # leakage ordering: does the reward prefer the cleaner of two estimates of one target?
+    partners = mixture_partners(labels, seed)
+    pairs = [(i, j) for i, j in enumerate(partners) if j >= 0]
+    ladders = []
+    for (i, j), target in zip(pairs, targets):
+        ladders.append(leakage_ladder(target, 0.5 * heldout.waves[j][: target.shape[-1]]))
+    rungs = len(LEAKAGE_LADDER_DB)
+    ladder_emb = _embed_audio_batched(encoder, [rung for ladder in ladders for rung in ladder], sample_rate, batch_size)
+    ladder_emb = ladder_emb.cpu().view(len(ladders), rungs, -1)
+    pair_labels = label_index[torch.tensor([i for i, _ in pairs])]
+    text_scores = (ladder_emb * text[pair_labels][:, None]).sum(-1)
+    metrics["leakage_concordance_text"] = float(ordering_concordance(text_scores).mean())
+    metrics["leakage_slope_text"] = float((text_scores[:, 0] - text_scores[:, -1]).mean())
+    if encoder.anchor_fusion is not None:
+        metrics["leakage_concordance_anchor"] = float(ordering_concordance((ladder_emb * anchor[:, None]).sum(-1)).mean())
+
+    # reward ascent: does one step up the text / anchor reward raise SI-SDR? (marsctl.align.ascent)
+    metrics.update(ascent_report(encoder, targets, mixtures, text[label_index].to(encoder.device),
+                                 None if encoder.anchor_fusion is None else anchor.to(encoder.device), sample_rate, seed))
 
     # zero-shot classification over the held-out classes' texts
     def zero_shot_correct(embeddings: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from marsctl.align.config import AlignConfig, AudioAudioStageConfig, AudioImageStageConfig, AudioTextStageConfig, StageCommon
+from marsctl.align.ascent import AscentSettings, ascent_agreement_loss, ascent_ranking_loss
 from marsctl.align.data import AudioCache, Clip, HeldOut, TrainingPool, acoustic_neighbors, class_profiles, read_clips
 from marsctl.align.losses import anchor_loss, consistency_loss, multi_positive_info_nce, symmetric_info_nce, triplet_loss
 from marsctl.align.metrics import evaluate_alignment, separate_heldout_mixtures
@@ -64,12 +65,21 @@ STAGE_SELECTION = {
 DATA_SAMPLE_RATE = 16_000
 
 
-def selection_score(stage: int, metrics: dict[str, Any], stages: tuple[int, ...] = (1, 2, 3)) -> float:
+def selection_score(stage: int, metrics: dict[str, Any], stages: tuple[int, ...] = (1, 2, 3), ascent: bool = False) -> float:
     """Mean R@1 of this stage's retrieval *and of the earlier selected stages'* (progressive alignment
-    must not buy stage 2 with stage 1), plus the anchor's target-vs-mixture gap (what the reward needs)."""
+    must not buy stage 2 with stage 1), plus the anchor's target-vs-mixture gap (what the reward needs).
+    ``ascent`` (a stage that trains the reward-ascent ranking): the shares of held-out pairs where one
+    step up the text and the anchor reward raised SI-SDR join the mean (shares, like R@1)."""
     keys = [key for s in stages if s <= stage for key in STAGE_SELECTION[s]]
+    if ascent:
+        keys += ["ascent_positive_text", "ascent_positive_anchor"]
     recalls = [metrics.get(key, 0.0) for key in keys]
     return sum(recalls) / len(recalls) + metrics.get("gap_anchor", 0.0)
+
+
+def trains_ascent(cfg: StageCommon) -> bool:
+    """Whether a stage trains the reward's ascent (and is then also selected on it)."""
+    return getattr(cfg, "ascent_ranking_weight", 0.0) > 0 or getattr(cfg, "ascent_agreement_weight", 0.0) > 0
 
 
 class Reporter:
@@ -136,6 +146,7 @@ class Objectives:
         indices = pool.sample_clips(cfg.batch_size, cfg.hard_negative_share, gen)
         crops = pool.crops(indices, self._samples(cfg), gen)
         label_ids, classes = _label_tensor([pool.clips[i].label for i in indices], enc.device)
+        clean = crops
         if cfg.interference_share > 0:
             crops = _with_interference(crops, label_ids, cfg, gen)
         audio = enc.embed_audio(crops, DATA_SAMPLE_RATE)
@@ -155,7 +166,21 @@ class Objectives:
             info_nce = symmetric_info_nce(audio, text, label_ids, text_ids, scale)
         anchor = _anchor_term(enc, crops, audio, audio, text[label_ids], None, label_ids, gen)
         total = info_nce + cfg.anchor_weight * anchor
-        return {"total": total, "info_nce_audio_text": info_nce, "anchor": anchor}
+        terms = {"info_nce_audio_text": info_nce, "anchor": anchor}
+        if cfg.ascent_ranking_weight > 0 or cfg.ascent_agreement_weight > 0:
+            # each clean crop is a target, another class's crop the interference; z* from the target's audio
+            partners = _mixture_partners(label_ids, gen)
+            z_star = enc.anchor_fusion(audio=audio, text=text[label_ids], image=None)
+            targets, interference = 0.5 * clean, 0.5 * clean[partners]
+            if cfg.ascent_ranking_weight > 0:
+                terms["ascent_ranking"] = ascent_ranking_loss(enc, targets, interference, text[label_ids], z_star, scale,
+                                                              DATA_SAMPLE_RATE, AscentSettings(), gen)
+                total = total + cfg.ascent_ranking_weight * terms["ascent_ranking"]
+            if cfg.ascent_agreement_weight > 0:
+                terms["ascent_agreement"] = ascent_agreement_loss(enc, targets, interference, text[label_ids], z_star,
+                                                                  DATA_SAMPLE_RATE, AscentSettings(), gen)
+                total = total + cfg.ascent_agreement_weight * terms["ascent_agreement"]
+        return {"total": total, **terms}
 
     def audio_audio(self, gen: torch.Generator) -> dict[str, torch.Tensor]:
         cfg: AudioAudioStageConfig = self.config.stage2
@@ -377,7 +402,7 @@ def _run_stage(stage: int, encoder: ProjectedEncoder, pool: TrainingPool, image_
             record.update({name: value.item() for name, value in terms.items()})
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 metrics = evaluate_alignment(encoder, select, DATA_SAMPLE_RATE, config.eval.batch_size, config.seed)
-                score = selection_score(stage, metrics, config.stages)
+                score = selection_score(stage, metrics, config.stages, ascent=trains_ascent(cfg))
                 record["select_score"] = score
                 if score > best_score:
                     best_score, best_step = score, step
@@ -414,7 +439,8 @@ def format_stage_report(result: dict[str, Any]) -> str:
     for key in ("text_to_audio_R@1", "text_to_audio_R@5", "audio_to_text_R@1", "audio_to_text_R@5",
                 "audio_to_audio_R@1", "audio_to_image_R@1", "image_to_audio_R@1",
                 "gap_text", "gap_audio", "gap_anchor", "chance_R@1",
-                "zero_shot_target_acc", "zero_shot_mixture_acc", "zero_shot_estimate_acc", "gap_text_estimate"):
+                "zero_shot_target_acc", "zero_shot_mixture_acc", "zero_shot_estimate_acc", "gap_text_estimate",
+                "leakage_concordance_text", "leakage_concordance_anchor", "ascent_si_sdr_text", "ascent_si_sdr_anchor"):
         if key in m:
             parts.append(f"{key}={m[key]:.3f}")
     return " ".join(parts)

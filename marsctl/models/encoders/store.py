@@ -4,6 +4,7 @@
 
 - a saved encoder directory (what ``marsctl align`` writes);
 - ``builtin``: the offline encoder with its untrained audio/image trunks;
+- ``default``: the aligned encoder shipped with the default separator (its query and reward encoder);
 - ``laion-clap:NAME`` (``630k-audioset``, ``630k``, ``music_speech_audioset``,
   ``music_audioset``, ``music_speech``) or ``laion-clap:/path/to/checkpoint.pt``;
 - a Hub id ``org/name[@rev]`` of a saved encoder, through ``marsctl.hub.resolve_artifact``
@@ -69,6 +70,10 @@ def load_encoder(
         if image_model:
             raise MarsctlError(f"{path}: a saved encoder already has its image trunk; image_model applies to built-in names only")
         encoder = _load_directory(path)
+    elif spec_str == "default":
+        from marsctl.pretrained import DEFAULT_SEPARATOR_DIR
+
+        encoder = _load_directory(DEFAULT_SEPARATOR_DIR / "encoder")
     elif spec_str == "builtin":
         from marsctl.models.encoders.builtin import BuiltinEncoder, BuiltinEncoderConfig
 
@@ -85,7 +90,7 @@ def load_encoder(
         encoder = _load_directory(Path(resolve_artifact(spec_str, "model")))
     else:
         raise MarsctlError(
-            f"{spec_str}: not an encoder directory, 'builtin', 'laion-clap:NAME' or 'laion-clap:PATH'"
+            f"{spec_str}: not an encoder directory, 'builtin', 'default', 'laion-clap:NAME' or 'laion-clap:PATH'"
         )
     encoder.requires_grad_(False)
     return encoder.to(device).eval()
