@@ -223,16 +223,9 @@ def _evaluate(encoder: ProjectedEncoder, heldout: HeldOut, sample_rate: int, bat
     metrics["target_mixture_cos"] = float(F.cosine_similarity(target_emb, mixture_emb).mean())
 
     # leakage ordering: does the reward prefer the cleaner of two estimates of one target?
-    partners = mixture_partners(labels, seed)
-    pairs = [(i, j) for i, j in enumerate(partners) if j >= 0]
-    ladders = []
-    for (i, j), target in zip(pairs, targets):
-        ladders.append(leakage_ladder(target, 0.5 * heldout.waves[j][: target.shape[-1]]))
-    rungs = len(LEAKAGE_LADDER_DB)
-    ladder_emb = _embed_audio_batched(encoder, [rung for ladder in ladders for rung in ladder], sample_rate, batch_size)
-    ladder_emb = ladder_emb.cpu().view(len(ladders), rungs, -1)
-    pair_labels = label_index[torch.tensor([i for i, _ in pairs])]
-    text_scores = (ladder_emb * text[pair_labels][:, None]).sum(-1)
+    rungs = [rung for target, mixture in zip(targets, mixtures) for rung in leakage_ladder(target, mixture - target)]
+    ladder_emb = _embed_audio_batched(encoder, rungs, sample_rate, batch_size).cpu().view(len(targets), len(LEAKAGE_LADDER_DB), -1)
+    text_scores = (ladder_emb * text[label_index][:, None]).sum(-1)
     metrics["leakage_concordance_text"] = float(ordering_concordance(text_scores).mean())
     metrics["leakage_slope_text"] = float((text_scores[:, 0] - text_scores[:, -1]).mean())
     if encoder.anchor_fusion is not None:

@@ -119,12 +119,12 @@ def _with_interference(crops: torch.Tensor, label_ids: torch.Tensor, cfg: "Audio
     return crops + gain * crops[partners]
 
 
-def _anchor_term(encoder: ProjectedEncoder, crops: torch.Tensor, audio: torch.Tensor, anchor_audio: torch.Tensor,
-                 text: torch.Tensor, image: torch.Tensor | None, label_ids: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def _anchor_term(encoder: ProjectedEncoder, crops: torch.Tensor, audio: torch.Tensor, anchor: torch.Tensor,
+                 label_ids: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """L_anchor for the fused anchors z* ``anchor`` of the crops (embedded as ``audio``)."""
     partners = _mixture_partners(label_ids, gen)
     mixtures = 0.5 * crops + 0.5 * crops[partners]  # the target as it sits in a two-source mixture
     mixture_emb = encoder.embed_audio(mixtures, DATA_SAMPLE_RATE)
-    anchor = encoder.anchor_fusion(audio=anchor_audio, text=text, image=image)
     return anchor_loss(anchor, audio, mixture_emb, audio, label_ids, encoder.temperature_scale())
 
 
@@ -164,20 +164,21 @@ class Objectives:
             # Eq. stage 1: L = 1/2 [CE(s a t^T) + CE(s t a^T)]
             text = enc.embed_text(classes)
             info_nce = symmetric_info_nce(audio, text, label_ids, text_ids, scale)
-        anchor = _anchor_term(enc, crops, audio, audio, text[label_ids], None, label_ids, gen)
+        label_text = text[label_ids]
+        z_star = enc.anchor_fusion(audio=audio, text=label_text, image=None)
+        anchor = _anchor_term(enc, crops, audio, z_star, label_ids, gen)
         total = info_nce + cfg.anchor_weight * anchor
         terms = {"info_nce_audio_text": info_nce, "anchor": anchor}
         if cfg.ascent_ranking_weight > 0 or cfg.ascent_agreement_weight > 0:
-            # each clean crop is a target, another class's crop the interference; z* from the target's audio
+            # each clean crop is a target, another class's crop the interference; the same z* as L_anchor's
             partners = _mixture_partners(label_ids, gen)
-            z_star = enc.anchor_fusion(audio=audio, text=text[label_ids], image=None)
             targets, interference = 0.5 * clean, 0.5 * clean[partners]
             if cfg.ascent_ranking_weight > 0:
-                terms["ascent_ranking"] = ascent_ranking_loss(enc, targets, interference, text[label_ids], z_star, scale,
+                terms["ascent_ranking"] = ascent_ranking_loss(enc, targets, interference, label_text, z_star, scale,
                                                               DATA_SAMPLE_RATE, AscentSettings(), gen)
                 total = total + cfg.ascent_ranking_weight * terms["ascent_ranking"]
             if cfg.ascent_agreement_weight > 0:
-                terms["ascent_agreement"] = ascent_agreement_loss(enc, targets, interference, text[label_ids], z_star,
+                terms["ascent_agreement"] = ascent_agreement_loss(enc, targets, interference, label_text, z_star,
                                                                   DATA_SAMPLE_RATE, AscentSettings(), gen)
                 total = total + cfg.ascent_agreement_weight * terms["ascent_agreement"]
         return {"total": total, **terms}
@@ -200,7 +201,7 @@ class Objectives:
         consistency = consistency_loss(e1, e_aug)
         text = enc.embed_text(classes)[label_ids]
         # the anchor is built from *another* clip of the class: z* must generalize across clips
-        anchor = _anchor_term(enc, first, e1, e2, text, None, label_ids, gen)
+        anchor = _anchor_term(enc, first, e1, enc.anchor_fusion(audio=e2, text=text, image=None), label_ids, gen)
         total = info_nce + cfg.triplet_weight * triplet + cfg.consistency_weight * consistency + cfg.anchor_weight * anchor
         return {"total": total, "info_nce_audio_audio": info_nce, "triplet": triplet,
                 "consistency": consistency, "anchor": anchor}
@@ -217,7 +218,7 @@ class Objectives:
         info_nce = symmetric_info_nce(audio, image, label_ids, label_ids, enc.temperature_scale())
         triplet = triplet_loss(audio, image, image, label_ids, label_ids, cfg.triplet_margin)
         text = enc.embed_text(classes)[label_ids]
-        anchor = _anchor_term(enc, crops, audio, audio, text, image, label_ids, gen)
+        anchor = _anchor_term(enc, crops, audio, enc.anchor_fusion(audio=audio, text=text, image=image), label_ids, gen)
         total = info_nce + cfg.triplet_weight * triplet + cfg.anchor_weight * anchor
         return {"total": total, "info_nce_audio_image": info_nce, "triplet": triplet, "anchor": anchor}
 
