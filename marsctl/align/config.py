@@ -112,7 +112,7 @@ class AlignEvalConfig:
 class AlignConfig:
     """A whole ``marsctl align`` run."""
 
-    #: starting encoder: a saved directory, 'builtin', 'laion-clap:NAME' or 'laion-clap:PATH'
+    #: starting encoder: a saved directory, 'builtin', 'aisfx', 'default', 'laion-clap:NAME' or 'laion-clap:PATH'
     encoder: str = "builtin"
     #: which stages, in order (a subset of 1, 2, 3)
     stages: tuple[int, ...] = (1, 2, 3)

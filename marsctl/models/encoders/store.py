@@ -4,6 +4,8 @@
 
 - a saved encoder directory (what ``marsctl align`` writes);
 - ``builtin``: the offline encoder with its untrained audio/image trunks;
+- ``aisfx``: the built-in encoder with aiSFX's pretrained sound-effects CNN as its frozen audio trunk
+  (``pip install --no-deps aisfx``; the weights ship in that package), untrained projection;
 - ``default``: the aligned encoder shipped with the default separator (its query and reward encoder);
 - ``laion-clap:NAME`` (``630k-audioset``, ``630k``, ``music_speech_audioset``,
   ``music_audioset``, ``music_speech``) or ``laion-clap:/path/to/checkpoint.pt``;
@@ -74,10 +76,12 @@ def load_encoder(
         from marsctl.pretrained import DEFAULT_SEPARATOR_DIR
 
         encoder = _load_directory(DEFAULT_SEPARATOR_DIR / "encoder")
-    elif spec_str == "builtin":
+    elif spec_str in ("builtin", "aisfx"):
         from marsctl.models.encoders.builtin import BuiltinEncoder, BuiltinEncoderConfig
+        from marsctl.models.encoders.towers import AudioCnnConfig
 
-        encoder = BuiltinEncoder(BuiltinEncoderConfig(image=image))
+        audio = AudioCnnConfig(kind="aisfx") if spec_str == "aisfx" else AudioCnnConfig()
+        encoder = BuiltinEncoder(BuiltinEncoderConfig(audio=audio, image=image))
     elif spec_str.startswith("laion-clap:"):
         from marsctl.models.encoders.clap import ClapEncoder, ClapEncoderConfig
 
@@ -90,7 +94,7 @@ def load_encoder(
         encoder = _load_directory(Path(resolve_artifact(spec_str, "model")))
     else:
         raise MarsctlError(
-            f"{spec_str}: not an encoder directory, 'builtin', 'default', 'laion-clap:NAME' or 'laion-clap:PATH'"
+            f"{spec_str}: not an encoder directory, 'builtin', 'aisfx', 'default', 'laion-clap:NAME' or 'laion-clap:PATH'"
         )
     encoder.requires_grad_(False)
     return encoder.to(device).eval()

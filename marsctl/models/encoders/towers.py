@@ -1,6 +1,8 @@
 """Feature extractors ("trunks") the encoders are built from.
 
 - :class:`LogMelCnn`: a small log-mel CNN audio trunk, trained from scratch by ``marsctl align``.
+- :class:`AisfxTrunk`: the pretrained sound-effects CNN of aiSFX (Ma & Lerch, ISMIR 2022), whose
+  weights ship inside the ``aisfx`` PyPI package; frozen, or fine-tuned by ``marsctl align``.
 - :class:`SmallImageCnn`: a small CNN image trunk, trained from scratch by alignment stage 3.
 - :class:`ClipVisionTrunk`: a pretrained CLIP-family vision tower from ``transformers``
   (local directory or Hub id), frozen.
@@ -8,8 +10,9 @@
   normalized: the sentence-transformers recipe of all-MiniLM-L6-v2), frozen, with a
   per-text cache since its output never changes.
 
-Normalization inside the trainable trunks is GroupNorm (per example), never BatchNorm,
-so that an example's features never depend on the rest of its batch.
+Normalization inside the trainable trunks is GroupNorm (per example); the pretrained aiSFX trunk
+keeps its BatchNorm layers in eval mode (running statistics), so in every trunk an example's
+features never depend on the rest of its batch.
 """
 
 from __future__ import annotations
@@ -37,10 +40,25 @@ def _tuple_field(obj: object, name: str) -> None:
     object.__setattr__(obj, name, tuple(getattr(obj, name)))
 
 
+#: audio trunk kinds: a small log-mel CNN trained from scratch, or aiSFX's pretrained CNN
+AUDIO_TRUNK_KINDS = ("log-mel-cnn", "aisfx")
+
+
 @dataclasses.dataclass(frozen=True)
 class AudioCnnConfig:
-    """The built-in log-mel CNN audio trunk."""
+    """The built-in encoder's audio trunk: ``log-mel-cnn`` (trained from scratch) or ``aisfx`` (pretrained).
 
+    ``sample_rate``, ``n_fft``, ``hop_length``, ``n_mels`` and ``channels`` are the log-mel CNN's;
+    the aiSFX trunk has its own fixed front end (44.1 kHz, 96 mel bands; see :class:`AisfxTrunk`).
+    """
+
+    #: ``log-mel-cnn`` or ``aisfx``
+    kind: str = "log-mel-cnn"
+    #: aisfx only: the checkpoint file (``checkpoint.pth`` of the aisfx package); empty = the installed package's
+    model: str = ""
+    #: aisfx only: let ``marsctl align`` train the pretrained trunk too (its weights are then saved
+    #: with the encoder); false = frozen, referenced by the config and read from the package
+    finetune: bool = False
     sample_rate: int = 16_000
     n_fft: int = 1024
     hop_length: int = 256
@@ -52,6 +70,10 @@ class AudioCnnConfig:
         _tuple_field(self, "channels")
         if not self.channels:
             raise ConfigError("audio.channels must list at least one block")
+        if self.kind not in AUDIO_TRUNK_KINDS:
+            raise ConfigError(f"audio.kind must be one of {', '.join(AUDIO_TRUNK_KINDS)}, got {self.kind!r}")
+        if self.kind != "aisfx" and (self.model or self.finetune):
+            raise ConfigError("audio.model and audio.finetune apply to audio.kind aisfx only")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +122,7 @@ class LogMelCnn(nn.Module):
             c_in = c_out
         self.blocks = nn.Sequential(*blocks)
         self.output_dim = 2 * config.channels[-1]
+        self.sample_rate = config.sample_rate
         #: shortest input (samples) that survives the poolings; shorter inputs are zero-padded
         self.min_samples = config.hop_length * (2 ** len(config.channels))
 
@@ -109,6 +132,149 @@ class LogMelCnn(nn.Module):
         logmel = torch.log(self.melspec(waveforms) + 1e-6)  # [B, mels, frames]
         x = self.blocks(logmel[:, None])  # [B, C, mels', frames']
         x = x.mean(dim=2)  # over frequency
+        return torch.cat([x.mean(dim=-1), x.amax(dim=-1)], dim=-1)
+
+
+#: aiSFX's front end (its ``inference.py``): 44.1 kHz, 2048-sample Hann frames, hop 1024, 96 HTK mel
+#: bands from 0 to 22.05 kHz, each band's weights summing to 1, power spectrum, log10(1e4 x + 1),
+#: divided by the largest value over its training spectrograms (``spectrogram_normalize``, 'original')
+AISFX_SAMPLE_RATE = 44_100
+AISFX_N_FFT = 2048
+AISFX_HOP = 1024
+AISFX_MELS = 96
+AISFX_SPEC_MAX = 9.457798957824707
+#: the four conv blocks of its embedding net (the DCASE 2018 cross-task baseline's 9-layer CNN)
+AISFX_CHANNELS = (64, 128, 256, 512)
+
+
+class _BatchNormConvBlock(nn.Module):
+    """conv3x3 -> BN -> ReLU -> conv3x3 -> BN -> ReLU -> max-pool; the parameter names of aiSFX's ``ConvBlock``."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.bn2 = nn.BatchNorm2d(c_out)
+
+    def forward(self, x: torch.Tensor, pool: int) -> torch.Tensor:
+        x = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        return F.max_pool2d(x, kernel_size=pool) if pool > 1 else x
+
+
+def installed_aisfx_checkpoint() -> Path:
+    """``checkpoint.pth`` inside the installed ``aisfx`` package, found without importing it
+    (its ``__init__`` imports its own inference script and pins)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("aisfx")
+    if spec is None or not spec.submodule_search_locations:
+        raise MarsctlError(
+            "the aisfx audio trunk needs the aisfx package's pretrained weights: "
+            "pip install --no-deps aisfx==0.1.2 (its own pins are not needed)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "models" / "checkpoint.pth"
+    if not path.is_file():
+        raise MarsctlError(f"{path}: the aisfx package is installed without its checkpoint; reinstall aisfx")
+    return path
+
+
+def read_aisfx_embedding_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """The embedding net's tensors from an aiSFX ``checkpoint.pth`` (a ``(state_dict, datasets)`` pair).
+
+    Read with ``torch.load(weights_only=True)``; the only non-tensor global it holds, numpy's
+    scalar constructor (the datasets' class counts), is allowed explicitly. Nothing else is unpickled.
+    """
+    import numpy as np
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise MarsctlError(f"{path}: no such aiSFX checkpoint")
+    try:  # numpy 2 moved numpy.core to numpy._core; the pickle names the old path
+        from numpy._core.multiarray import scalar
+    except ImportError:
+        from numpy.core.multiarray import scalar
+    allowed = [(scalar, "numpy.core.multiarray.scalar"), np.dtype] + [type(np.dtype(t)) for t in ("int64", "int32", "float64")]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise MarsctlError(f"{path}: not a readable aiSFX checkpoint ({str(exc).splitlines()[0]})") from exc
+    state = loaded[0] if isinstance(loaded, (tuple, list)) else loaded
+    prefix = "embedding_net."
+    weights = {k[len(prefix) :]: v for k, v in state.items() if isinstance(k, str) and k.startswith(prefix)}
+    if not weights:
+        raise MarsctlError(f"{path}: no embedding_net.* tensors; is this aiSFX's checkpoint.pth?")
+    return weights
+
+
+class AisfxTrunk(nn.Module):
+    """aiSFX's pretrained sound-effects CNN: ``[B, T]`` at 44.1 kHz -> ``[B, 1024]``.
+
+    Front end as aiSFX computes it (see the ``AISFX_*`` constants), with each clip first scaled to
+    a peak of 1 as its librosa path does, so the features do not depend on the clip's level. Four
+    conv blocks (64-512 channels, 4.7 M parameters) pretrained on professional sound-effects
+    libraries (Universal Category System classes); then mean over frequency and, over time, the
+    mean and the max concatenated (aiSFX's own embedding is the max half; the mean half gives a
+    reward's gradient every frame, not only the loudest). BatchNorm stays in eval mode, training
+    or not. Differentiable end to end (a pathwise reward's gradient reaches the waveform).
+    """
+
+    def __init__(self, config: "AudioCnnConfig"):
+        super().__init__()
+        self.config = config
+        blocks, c_in = [], 1
+        for c_out in AISFX_CHANNELS:
+            blocks.append(_BatchNormConvBlock(c_in, c_out))
+            c_in = c_out
+        self.conv_block1, self.conv_block2, self.conv_block3, self.conv_block4 = blocks
+        self.output_dim = 2 * AISFX_CHANNELS[-1]
+        self.sample_rate = AISFX_SAMPLE_RATE
+        self.min_samples = AISFX_HOP * 8  # three 2x2 poolings
+        window = torch.hann_window(AISFX_N_FFT, periodic=True)
+        fbank = torchaudio.functional.melscale_fbanks(
+            AISFX_N_FFT // 2 + 1, 0.0, AISFX_SAMPLE_RATE / 2, AISFX_MELS, AISFX_SAMPLE_RATE, norm=None, mel_scale="htk"
+        )
+        fbank = fbank / fbank.sum(dim=0, keepdim=True).clamp(min=1e-12)  # each band sums to 1 ('unit_sum')
+        self.register_buffer("window", window, persistent=False)
+        self.register_buffer("fbank", fbank, persistent=False)
+        weights = read_aisfx_embedding_weights(config.model or installed_aisfx_checkpoint())
+        missing, unexpected = self.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise MarsctlError(
+                f"{config.model or 'aisfx checkpoint'}: weights do not fit aiSFX's embedding net "
+                f"(missing: {', '.join(missing[:3]) or 'none'}; unexpected: {', '.join(unexpected[:3]) or 'none'})"
+            )
+
+    def train(self, mode: bool = True) -> "AisfxTrunk":
+        super().train(mode)
+        for module in self.modules():  # running statistics, always: no batch dependence
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
+        return self
+
+    def spectrogram(self, waveforms: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` at 44.1 kHz -> aiSFX's normalized log-mel ``[B, frames, 96]``."""
+        peak = waveforms.abs().amax(dim=-1, keepdim=True)
+        waveforms = waveforms / torch.where(peak > 0, peak, torch.ones_like(peak))
+        spec = torch.stft(
+            waveforms, AISFX_N_FFT, AISFX_HOP, window=self.window, center=True, pad_mode="constant", return_complex=True
+        )
+        power = spec.real.square() + spec.imag.square()  # [B, freqs, frames]
+        mel = torch.einsum("bft,fm->btm", power, self.fbank)
+        return torch.log10(1e4 * mel + 1.0) / AISFX_SPEC_MAX
+
+    def feature_maps(self, waveforms: torch.Tensor) -> torch.Tensor:
+        """The last conv block's output averaged over frequency: ``[B, 512, frames/8]``."""
+        if waveforms.shape[-1] < self.min_samples:
+            waveforms = F.pad(waveforms, (0, self.min_samples - waveforms.shape[-1]))
+        x = self.spectrogram(waveforms)[:, None]  # [B, 1, frames, mels]
+        for block, pool in zip((self.conv_block1, self.conv_block2, self.conv_block3, self.conv_block4), (2, 2, 2, 1)):
+            x = block(x, pool)
+        return x.mean(dim=3)
+
+    def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
+        x = self.feature_maps(waveforms)
         return torch.cat([x.mean(dim=-1), x.amax(dim=-1)], dim=-1)
 
 
