@@ -88,9 +88,7 @@ class BuiltinEncoder(ProjectedEncoder):
         # both trunks are differentiable end to end (torchaudio resampling, STFT and mel; GroupNorm,
         # or BatchNorm kept in eval mode: no batch statistics, the same in train and eval mode);
         # without ``differentiable`` the input arrives detached, so only trainable weights get a graph
-        if "audio_trunk" in self.external_modules and not differentiable:
-            with torch.no_grad():  # frozen pretrained trunk, constant input: nothing to differentiate
-                return self.audio_trunk(waveforms)
+        # (none for a frozen aiSFX trunk)
         return self.audio_trunk(waveforms)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:

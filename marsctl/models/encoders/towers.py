@@ -268,10 +268,15 @@ class AisfxTrunk(nn.Module):
         """The last conv block's output averaged over frequency: ``[B, 512, frames/8]``."""
         if waveforms.shape[-1] < self.min_samples:
             waveforms = F.pad(waveforms, (0, self.min_samples - waveforms.shape[-1]))
-        x = self.spectrogram(waveforms)[:, None]  # [B, 1, frames, mels]
+        return self.conv_features(self.spectrogram(waveforms))
+
+    def conv_features(self, spectrogram: torch.Tensor) -> torch.Tensor:
+        """aiSFX's embedding net before its pooling over time: ``[B, frames, 96]`` -> ``[B, 512, frames/8]``
+        (its ``EmbeddingNet`` output is the max of this over time)."""
+        x = spectrogram[:, None]  # [B, 1, frames, mels]
         for block, pool in zip((self.conv_block1, self.conv_block2, self.conv_block3, self.conv_block4), (2, 2, 2, 1)):
             x = block(x, pool)
-        return x.mean(dim=3)
+        return x.mean(dim=3)  # over frequency
 
     def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
         x = self.feature_maps(waveforms)
