@@ -17,6 +17,10 @@ Variants (the reward weights R = sum_i w_i r_i; energy_guard is the guard):
 - ``anchor_sisdr``: (c) anchor + SI-SDR + guard
 - ``query_contrast``: (b') reference-free: the estimate like the query, the residual unlike it + guard
 - ``anchor_score_function``: (e) the anchor reward with the paper's score-function estimator
+- ``supervised``: not RL, the control for "is RL better than more supervised training?": the start's own
+  ``train sup`` recipe (its run's ``train_config.json``) continued from the start for the same steps, mixtures
+  per step, peak learning rate and warm-up as the RL variants (it trains both sources of each mixture, so it
+  sees twice the targets)
 
 Every stage resumes: a finished run or report is reused. Results: ``<out>/summary.json`` and
 ``<out>/summary.md``.
@@ -44,7 +48,9 @@ VARIANTS = {
 #: (variant, compared with): the paired comparisons reported
 COMPARISONS = [("sisdr", "start"), ("anchor", "start"), ("query", "start"), ("anchor_sisdr", "start"),
                ("anchor_sisdr", "sisdr"), ("anchor_score_function", "start"), ("query_contrast", "start"),
-               ("query_contrast", "query")]
+               ("query_contrast", "query"), ("supervised", "start"), ("sisdr", "supervised"), ("anchor", "supervised"),
+               ("anchor_sisdr", "supervised")]
+SUPERVISED = "supervised"
 MARSCTL = [sys.executable, "-m", "marsctl"]
 
 
@@ -62,7 +68,7 @@ def main() -> None:
     parser.add_argument("--recipe", type=Path, default=Path(__file__).parents[1] / "recipes" / "train" / "rl-union-small.yaml")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--only", nargs="*", choices=sorted(VARIANTS), help="run only these variants")
+    parser.add_argument("--only", nargs="*", choices=sorted([*VARIANTS, SUPERVISED]), help="run only these variants")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe settings for every variant (YAML values)")
     args = parser.parse_args()
 
@@ -70,15 +76,22 @@ def main() -> None:
     base = yaml.safe_load(args.recipe.read_text(encoding="utf-8"))
     variants = args.only or list(VARIANTS)
     reports = {"start": args.out / "eval-start"}
+    settings = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     for name in variants:
-        recipe = {**base, **{k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}, **VARIANTS[name], "max_steps": args.steps, "init_model": str(args.start.resolve()),
-                  "data": str(args.data.resolve()), "reward_encoder": str(args.reward_encoder.resolve())}
-        recipe_path = args.out / f"rl-{name}.yaml"
+        if name == SUPERVISED:
+            recipe = supervised_control_recipe(args.start, {**base, **settings}, args.steps, args.data)
+            recipe_path = args.out / "sup-supervised.yaml"
+            command = "sup"
+        else:
+            recipe = {**base, **settings, **VARIANTS[name], "max_steps": args.steps, "init_model": str(args.start.resolve()),
+                      "data": str(args.data.resolve()), "reward_encoder": str(args.reward_encoder.resolve())}
+            recipe_path = args.out / f"rl-{name}.yaml"
+            command = "rl"
         recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
-        run([*MARSCTL, "train", "rl", "--recipe", str(recipe_path), "--out", str(args.out / name)])
+        run([*MARSCTL, "train", command, "--recipe", str(recipe_path), "--out", str(args.out / name)])
         reports[name] = args.out / f"eval-{name}"
     # variants scored by an earlier invocation into the same --out join the summary
-    reports.update({name: args.out / f"eval-{name}" for name in VARIANTS
+    reports.update({name: args.out / f"eval-{name}" for name in [*VARIANTS, SUPERVISED]
                     if name not in reports and (args.out / f"eval-{name}" / "scores.csv").is_file()})
     for name, report in reports.items():
         if not (report / "scores.csv").is_file():
@@ -108,6 +121,20 @@ def main() -> None:
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     (args.out / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
+
+
+def supervised_control_recipe(start: Path, rl_recipe: dict, steps: int, data: Path) -> dict:
+    """The start's ``train sup`` recipe (its run's train_config.json) continued from the start with the RL
+    variants' budget: steps, mixtures per step, peak learning rate, warm-up, validation cadence."""
+    config_path = start / "train_config.json"
+    if not config_path.is_file():
+        raise SystemExit(f"{config_path}: no such file; the supervised control needs the start's 'train sup' run directory")
+    recipe = json.loads(config_path.read_text(encoding="utf-8"))
+    recipe.update(init_model=str(start.resolve()), data=str(data.resolve()), max_steps=steps, batch_size=rl_recipe["batch_size"],
+                  learning_rate=rl_recipe["learning_rate"], warmup_steps=rl_recipe["warmup_steps"],
+                  val_every=rl_recipe["val_every"], val_mixtures=rl_recipe["val_mixtures"],
+                  checkpoint_every=rl_recipe["checkpoint_every"], seed=recipe["seed"] + 1)  # not the start's first batches again
+    return recipe
 
 
 if __name__ == "__main__":

@@ -177,7 +177,7 @@ def test_query_mixup_over_text_audio_and_image(tmp_path):
 def test_init_model_warm_start_and_mismatch(tone_data, tmp_path):
     """init_model starts from a trained separator's weights (its first validation is already good);
     a different architecture is one error naming both."""
-    first = small_config(str(tone_data), max_steps=30, val_every=30, checkpoint_every=30)
+    first = small_config(str(tone_data), max_steps=60, val_every=60, checkpoint_every=60)
     trained = train_supervised(first, tmp_path / "first", encoder=LabelTestEncoder(), device="cpu", progress=False)
     start = load_file(str(tmp_path / "first" / "model.safetensors"))
     # zero steps of training is not allowed, so compare the starting weights through a 1-step run at lr ~ 0
@@ -190,7 +190,7 @@ def test_init_model_warm_start_and_mismatch(tone_data, tmp_path):
     assert result.best_si_sdri == pytest.approx(trained.best_si_sdri, abs=0.5)  # BatchNorm statistics move a little
     cold = small_config(str(tone_data), max_steps=1, val_every=1, checkpoint_every=1, warmup_steps=0, learning_rate=1e-12)
     cold_result = train_supervised(cold, tmp_path / "cold", encoder=LabelTestEncoder(), device="cpu", progress=False)
-    assert cold_result.best_si_sdri < trained.best_si_sdri - 1.0
+    assert cold_result.best_si_sdri < trained.best_si_sdri - 1.0, (cold_result.best_si_sdri, trained.best_si_sdri)
     assert "started from" in (tmp_path / "warm" / "README.md").read_text()
     other = small_config(str(tone_data), max_steps=1, init_model=str(tmp_path / "first"),
                          architecture=dataclasses.replace(first.architecture, base_channels=4))
