@@ -210,3 +210,39 @@ def test_rl_judge_flags_and_logs_a_fall_and_keeps_its_history_on_resume(trained)
     assert judge.history == [{"step": 0, "val_reward": 0.1, "val_judge_score": 3.0}]
     judge.load_state_dict({"fingerprint": "another judge"}, history)
     assert judge.history == [] and "starts over" in messages[-1]
+
+
+def test_eval_scores_the_reward_encoder_an_rl_run_recorded(trained, tmp_path):
+    """'Reward enc.' is the score of the encoder RL optimised: a real tiny RL run against another encoder
+    than its query encoder is scored with that encoder (named in the report); a recorded reward encoder
+    that does not load here (not a local folder) falls back to the query encoder and says so."""
+    from marsctl.rl.rewards import RewardConfig
+    from marsctl.rl.trainer import train_rl
+    from test_rl_worker import rl_config
+
+    reward_dir = tmp_path / "reward-encoder"
+    save_encoder(BuiltinEncoder(BuiltinEncoderConfig(init_seed=5)), reward_dir)
+    rewards = RewardConfig(weights={"query_similarity": 1.0, "semantic_anchor": 0.0, "si_sdr": 0.0, "energy_guard": 0.0})
+    config = rl_config(trained / "data", trained / "model", max_steps=1, encoder="", reward_encoder=str(reward_dir), val_every=1,
+                       checkpoint_every=1, val_mixtures=1, batch_size=2, group_size=2, rewards=rewards, estimator="pathwise")
+    train_rl(config, tmp_path / "rl", device="cpu", progress=False)
+    rows, paths = evaluate_model_on_dataset(tmp_path / "rl", trained / "data", tmp_path / "r", ("text",), limit=1, device="cpu")
+    mix = load_test_mixtures(trained / "data", limit=1)[0]
+    mixture = torch.from_numpy(mix.mixture).expand(len(mix.labels), -1)
+    by_reward = TextAudioScorer(load_encoder(reward_dir), 16_000)(mix.labels, mixture)
+    by_query = TextAudioScorer(load_encoder("builtin"), 16_000)(mix.labels, mixture)
+    assert float((by_reward - by_query).abs().max()) > 1.0  # the two encoders differ, so the test can tell them apart
+    got = [r["reward_encoder_score"] for r in rows if r["system"] == "mixture"]
+    assert got == pytest.approx(by_reward.tolist(), abs=1e-3)
+    meta = json.loads(paths["model_summary_json"].read_text())["meta"]
+    assert meta["reward_encoder"] == str(reward_dir) and meta["reward_encoder_role"] == "the reward encoder its RL run optimised"
+    assert f"reward encoder `{reward_dir}`" in paths["model_summary_md"].read_text()
+    # the same run recording a reward encoder that is not a folder here (a Hub id): the query encoder, said so
+    config_path = tmp_path / "rl" / "config.json"
+    recorded = json.loads(config_path.read_text())
+    recorded["training"]["reward_encoder"] = "someone/some-encoder"
+    config_path.write_text(json.dumps(recorded))
+    rows, paths = evaluate_model_on_dataset(tmp_path / "rl", trained / "data", tmp_path / "r2", ("text",), limit=1, device="cpu")
+    assert [r["reward_encoder_score"] for r in rows if r["system"] == "mixture"] == pytest.approx(by_query.tolist(), abs=1e-3)
+    meta = json.loads(paths["model_summary_json"].read_text())["meta"]
+    assert meta["reward_encoder"] == "builtin" and "someone/some-encoder is not a local folder here" in meta["reward_encoder_role"]

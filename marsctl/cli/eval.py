@@ -27,7 +27,7 @@ Example: marsctl eval -e sep/ -r refs/ -o report/
 
 A separator: --model M --data D separates the fixed test mixtures of D, each source with its own query (--query-modality text, audio, image or omni), and scores it beside the unprocessed mixture and the ideal-ratio-mask oracle. It writes the same files plus model_summary.md and model_summary.json, per system, query modality and class; never one mean across systems.
 
-Text-audio scores (100 x cosine of the label's text and the estimate's audio embedding): "Reward enc." (reward_encoder_score) uses the model's own query encoder, the one RL optimises, so it is not independent; --judge SPEC adds "Judge" (judge_score) from another encoder (an aligned encoder folder, builtin, laion-clap:630k-audioset or a Hub id). A judge with the same weights as the model's encoder is refused.
+Text-audio scores (100 x cosine of the label's text and the estimate's audio embedding): "Reward enc." (reward_encoder_score) uses the encoder RL optimises: the reward encoder the model's RL run recorded when it is a local folder (or 'default'), else the model's own query encoder; so it is not independent. --judge SPEC adds "Judge" (judge_score) from another encoder (an aligned encoder folder, builtin, laion-clap:630k-audioset or a Hub id). A judge with the same weights as the model's encoder or its RL run's reward encoder is refused.
 
 Example: marsctl eval -m runs/rl -d data/sf --judge laion-clap:630k-audioset
 """.format(floor=DB_FLOOR_IN_HELP)
@@ -140,11 +140,12 @@ def _eval_model(model, data, modalities, split, limit, judge, device, out, json_
         console.print(summary_rich_table(entries, title=f"{len(rows)} scored sources (mixture, model, ideal-ratio-mask oracle)"))
         console.print(summary_rich_table(entries, title="Text-audio scores (100 x cosine)", metrics=RICH_SCORE_METRICS))
         if judge:
-            console.print(f"Judge: {judge}, independent of the model. Reward enc.: the model's own encoder, which RL "
-                          "optimises, so it is not independent.", highlight=False)
+            console.print(f"Judge: {judge}, independent of the model. Reward enc.: the encoder RL optimises (the reward "
+                          "encoder the model's RL run recorded, else its own query encoder; named in summary.md), so it is "
+                          "not independent.", highlight=False)
         else:
-            err_console.print("[yellow]note:[/] no independent judge given (--judge SPEC): 'Reward enc.' is the model's own "
-                              "encoder's score, which RL optimises, so it is not independent", highlight=False)
+            err_console.print("[yellow]note:[/] no independent judge given (--judge SPEC): 'Reward enc.' is the score of the "
+                              "encoder RL optimises, so it is not independent", highlight=False)
         console.print(f"Wrote {', '.join(p.name for p in paths.values())} to {out}")
 
 

@@ -8,8 +8,9 @@ distance; silent or failed estimates at the floor), plus text-audio scores: 100 
 embedding of the source's label, audio embedding of the estimate)
 (:class:`marsctl.models.judge.TextAudioScorer`):
 
-- ``reward_encoder_score``: with the model's own query encoder, the encoder RL optimises
-  against (by default): RL raises it by construction, so it is *not* an independent measure;
+- ``reward_encoder_score``: with the encoder RL optimises: the reward encoder the model's RL run
+  recorded (``config.json`` ``training.reward_encoder``) when it loads here, else the model's own query
+  encoder (RL's default reward encoder): RL raises it by construction, so it is *not* an independent measure;
 - ``judge_score`` (only with a judge, ``marsctl eval --judge SPEC``): with an independent
   encoder. A judge with the same weights as the model's encoder (or as the reward encoder its
   RL run recorded) is refused (:func:`check_judge`).
@@ -127,12 +128,13 @@ def evaluate_separator(
     references: bool = True,
     on_mixture: Callable[[str], None] | None = None,
     skip_missing_queries: bool = False,
+    reward_encoder: QueryEncoder | None = None,
 ) -> list[dict[str, Any]]:
     """Per-source rows for the model (each modality) and, with ``references``, the mixture and IRM oracle.
 
     A row: ``system``, ``query_modality`` (``-`` for the references), ``mixture_id``,
     ``source`` (index), ``label``, the metrics (NaN = undefined) and ``note``. The metrics include
-    ``reward_encoder_score`` (with ``encoder``, the model's own) and, with ``judge_encoder``,
+    ``reward_encoder_score`` (with ``reward_encoder``, or ``encoder``, the model's own, when None) and, with ``judge_encoder``,
     ``judge_score`` (independence is :func:`check_judge`'s business).
     A mixture with a source that has no query of a modality (no other clip of its class in the
     split for audio, no frames for image) is an error, or, with ``skip_missing_queries``, left
@@ -145,7 +147,7 @@ def evaluate_separator(
     signal = model.model.config.signal
     mixtures = load_test_mixtures(root, split, limit)
     queries = QueryBuilder(encoder, root, signal.sample_rate, split=split)
-    scorers = {REWARD_ENCODER_SCORE: TextAudioScorer(encoder, signal.sample_rate)}
+    scorers = {REWARD_ENCODER_SCORE: TextAudioScorer(reward_encoder or encoder, signal.sample_rate)}
     if judge_encoder is not None:
         scorers = {JUDGE_SCORE: TextAudioScorer(judge_encoder, signal.sample_rate), **scorers}
     spectrogram = Spectrogram(signal).double()
@@ -239,6 +241,21 @@ def check_judge(judge_spec: str, judge: QueryEncoder, model: LoadedSeparator, en
     return {"judge_fingerprint": judge_print, "reward_encoder_fingerprint": own_print, "judge_compared_with": compared}
 
 
+def reward_encoder_of(model: LoadedSeparator, encoder: QueryEncoder, device: str | torch.device = "cpu") -> tuple[QueryEncoder, str, str]:
+    """``(encoder, spec, role)``: the encoder whose score is the report's ``reward_encoder_score``, and what
+    the report says it is. The reward encoder the model's RL run recorded (``training.reward_encoder``) when it is
+    another encoder that loads here (a local folder, or ``default``); else the model's own query encoder (what a
+    supervised model's RL run would optimise by default), saying so when the recorded one could not be used."""
+    reward_spec = str((model.config.get("training") or {}).get("reward_encoder") or "")
+    if not reward_spec or reward_spec == model.encoder:
+        return encoder, model.encoder, "the model's own query encoder"
+    if Path(reward_spec).is_dir() or reward_spec == "default":
+        from marsctl.models.encoders import load_encoder
+
+        return load_encoder(reward_spec, device=device), reward_spec, "the reward encoder its RL run optimised"
+    return encoder, model.encoder, f"the model's query encoder: its RL run's reward encoder {reward_spec} is not a local folder here"
+
+
 def evaluate_model_on_dataset(
     model_spec: str | Path | None,
     dataset: str | Path,
@@ -267,9 +284,11 @@ def evaluate_model_on_dataset(
 
         data_dir = Path(resolve_artifact(str(dataset), "dataset"))
     model, encoder = load_model_and_encoder(model_spec, device=device)
+    reward_encoder, reward_spec, reward_role = reward_encoder_of(model, encoder, device)
     meta: dict[str, Any] = {
         "model": str(model.directory), "data": str(data_dir), "split": split, "query_modalities": list(query_modalities),
-        "encoder": model.encoder, "reward_encoder_score": f"100 x cos(label text, estimate audio) by the model's own encoder {model.encoder}",
+        "encoder": model.encoder, "reward_encoder": reward_spec, "reward_encoder_role": reward_role,
+        "reward_encoder_score": f"100 x cos(label text, estimate audio) by {reward_spec} ({reward_role})",
         "judge": judge,
     }
     judge_encoder = None
@@ -280,7 +299,7 @@ def evaluate_model_on_dataset(
     else:
         meta["judge_note"] = NO_JUDGE_NOTE
     rows = evaluate_separator(model, encoder, data_dir, query_modalities, judge_encoder=judge_encoder, split=split, limit=limit,
-                              on_mixture=on_mixture)
+                              on_mixture=on_mixture, reward_encoder=reward_encoder)
     return rows, write_evaluation(rows, out_dir, meta)
 
 

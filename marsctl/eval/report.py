@@ -190,7 +190,9 @@ def score_note(report: EvalReport) -> str:
     else:
         lines.append("- No independent judge was given (`--judge`).")
     if "reward_encoder_score" in metrics:
-        lines.append(f"- Reward enc.: the same cosine by the model's own query/reward encoder `{settings.get('encoder') or 'of the model'}`; "
+        spec = settings.get("reward_encoder") or settings.get("encoder") or "of the model"
+        role = settings.get("reward_encoder_role") or "the model's own query encoder"
+        lines.append(f"- Reward enc.: the same cosine by the reward encoder `{spec}` ({role}); "
                      "RL optimises this encoder's score, so it is not an independent measure.")
     return "\n".join(lines) + "\n\n"
 
