@@ -74,7 +74,7 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     base = yaml.safe_load(args.recipe.read_text(encoding="utf-8"))
-    variants = args.only or list(VARIANTS)
+    variants = args.only or [*VARIANTS, SUPERVISED]
     reports = {"start": args.out / "eval-start"}
     settings = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     for name in variants:

@@ -82,6 +82,13 @@ def test_a_judge_with_the_models_encoder_weights_is_refused(trained, tmp_path):
     with pytest.raises(MarsctlError, match="same weights"):
         check_judge(str(judge_dir), load_encoder(judge_dir), rl_like, encoder)
     assert check_judge(str(judge_dir), load_encoder(judge_dir), model, encoder)["judge_compared_with"] == ["query encoder builtin"]
+    # a run that recorded the spec 'default' (the shipped encoder): a judge with its weights under a path is refused
+    from marsctl.pretrained import DEFAULT_SEPARATOR_DIR
+
+    shipped = DEFAULT_SEPARATOR_DIR / "encoder"
+    rl_default = dataclasses.replace(model, config={**model.config, "training": {"stage": "rl", "reward_encoder": "default"}})
+    with pytest.raises(MarsctlError, match="same weights"):
+        check_judge(str(shipped), load_encoder(shipped), rl_default, encoder)
 
 
 def test_eval_cli_judge_flag(trained, tmp_path):

@@ -217,14 +217,14 @@ def write_evaluation(rows: Sequence[dict[str, Any]], out_dir: str | Path, meta: 
 def check_judge(judge_spec: str, judge: QueryEncoder, model: LoadedSeparator, encoder: QueryEncoder,
                 device: str | torch.device = "cpu") -> dict[str, Any]:
     """Refuse a judge with the same weights as the model's query encoder or as the reward
-    encoder its RL run recorded (``config.json`` ``training.reward_encoder``, compared when it is
-    a local directory). Returns what the report records: fingerprints and what was compared."""
+    encoder its RL run recorded (``config.json`` ``training.reward_encoder``, compared by weights when it
+    :func:`loads_here`). Returns what the report records: fingerprints and what was compared."""
     judge_print, own_print = encoder_fingerprint(judge), encoder_fingerprint(encoder)
     compared = [f"query encoder {model.encoder}"]
     same = judge_print == own_print
     reward_spec = str((model.config.get("training") or {}).get("reward_encoder") or "")
     if not same and reward_spec and reward_spec != model.encoder:
-        if Path(reward_spec).is_dir():
+        if loads_here(reward_spec):
             from marsctl.models.encoders import load_encoder
 
             same = encoder_fingerprint(load_encoder(reward_spec, device=device)) == judge_print
@@ -241,6 +241,12 @@ def check_judge(judge_spec: str, judge: QueryEncoder, model: LoadedSeparator, en
     return {"judge_fingerprint": judge_print, "reward_encoder_fingerprint": own_print, "judge_compared_with": compared}
 
 
+def loads_here(encoder_spec: str) -> bool:
+    """Whether an encoder spec recorded by a run loads without a download: a local folder, or ``default``
+    (the shipped separator's encoder)."""
+    return Path(encoder_spec).is_dir() or encoder_spec == "default"
+
+
 def reward_encoder_of(model: LoadedSeparator, encoder: QueryEncoder, device: str | torch.device = "cpu") -> tuple[QueryEncoder, str, str]:
     """``(encoder, spec, role)``: the encoder whose score is the report's ``reward_encoder_score``, and what
     the report says it is. The reward encoder the model's RL run recorded (``training.reward_encoder``) when it is
@@ -249,7 +255,7 @@ def reward_encoder_of(model: LoadedSeparator, encoder: QueryEncoder, device: str
     reward_spec = str((model.config.get("training") or {}).get("reward_encoder") or "")
     if not reward_spec or reward_spec == model.encoder:
         return encoder, model.encoder, "the model's own query encoder"
-    if Path(reward_spec).is_dir() or reward_spec == "default":
+    if loads_here(reward_spec):
         from marsctl.models.encoders import load_encoder
 
         return load_encoder(reward_spec, device=device), reward_spec, "the reward encoder its RL run optimised"
