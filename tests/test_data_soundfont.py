@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import io
+import subprocess
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -194,12 +197,26 @@ def test_shipped_soundfont_recipes_never_use_reserved_soundfonts_and_hold_one_ou
     assert {f.name for f in train_side["test"]} == seen
 
 
-BASE = Path("/tmp/base")  # the code before several soundfonts (commit ff85a41), where present
+OLD_COMMIT = "ff85a41"  # the code before several soundfonts
 
 
-@pytest.mark.skipif(not (BASE / "marsctl" / "data" / "soundfont.py").is_file(), reason="needs the old code at /tmp/base")
+def old_code_checkout(root: Path) -> Path | None:
+    """The package as it was at OLD_COMMIT, unpacked under ``root`` from this clone's history with ``git archive``
+    (None where git or the commit is missing, e.g. a shallow clone)."""
+    repo = Path(__file__).resolve().parents[1]
+    out = root / "old-code"
+    out.mkdir()
+    try:
+        archive = subprocess.run(["git", "-C", str(repo), "archive", OLD_COMMIT, "marsctl"], capture_output=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if archive.returncode != 0:
+        return None
+    tarfile.open(fileobj=io.BytesIO(archive.stdout)).extractall(out, filter="data")
+    return out
+
+
 def test_single_soundfont_recipe_builds_the_same_dataset_as_the_old_code(tmp_path):
-    import subprocess
     import sys
 
     import pyarrow.parquet as pq
@@ -208,10 +225,16 @@ def test_single_soundfont_recipe_builds_the_same_dataset_as_the_old_code(tmp_pat
     from marsctl.data.build import build
     from marsctl.data.fetch import FetchOptions
 
+    base = old_code_checkout(tmp_path)
+    if base is None:
+        pytest.skip(f"needs commit {OLD_COMMIT} in this clone's history (git archive)")
+    imported = subprocess.run([sys.executable, "-c", "import marsctl; print(marsctl.__file__)"], cwd=base, capture_output=True,
+                              text=True, timeout=60)
+    assert imported.stdout.strip().startswith(str(base)), imported.stdout + imported.stderr  # the old code runs, not this one
     spec = tmp_path / "sf-tiny.yaml"
     spec.write_text(yaml.safe_dump(tiny_soundfont_recipe()))
     subprocess.run([sys.executable, "-m", "marsctl", "data", "build", str(spec), "--out", str(tmp_path / "old"), "--quiet"],
-                   cwd=BASE, check=False, capture_output=True, timeout=300)
+                   cwd=base, check=False, capture_output=True, timeout=300)
     assert (tmp_path / "old" / "manifests" / "mixtures.parquet").is_file()
     build(load_recipe(spec), tmp_path / "new", FetchOptions(progress=False))
     for manifest in ("clips", "mixtures"):
