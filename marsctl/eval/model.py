@@ -215,19 +215,22 @@ def write_evaluation(rows: Sequence[dict[str, Any]], out_dir: str | Path, meta: 
 
 
 def check_judge(judge_spec: str, judge: QueryEncoder, model: LoadedSeparator, encoder: QueryEncoder,
-                device: str | torch.device = "cpu") -> dict[str, Any]:
+                device: str | torch.device = "cpu", reward_encoder: QueryEncoder | None = None) -> dict[str, Any]:
     """Refuse a judge with the same weights as the model's query encoder or as the reward
-    encoder its RL run recorded (``config.json`` ``training.reward_encoder``, compared by weights when it
-    :func:`loads_here`). Returns what the report records: fingerprints and what was compared."""
+    encoder its RL run recorded (:func:`recorded_reward_encoder`, compared by weights when it
+    :func:`loads_here`; ``reward_encoder``, when given, is that encoder already loaded by
+    :func:`reward_encoder_of`). Returns what the report records: fingerprints and what was compared."""
     judge_print, own_print = encoder_fingerprint(judge), encoder_fingerprint(encoder)
     compared = [f"query encoder {model.encoder}"]
     same = judge_print == own_print
-    reward_spec = str((model.config.get("training") or {}).get("reward_encoder") or "")
+    reward_spec = recorded_reward_encoder(model)
     if not same and reward_spec and reward_spec != model.encoder:
         if loads_here(reward_spec):
-            from marsctl.models.encoders import load_encoder
+            if reward_encoder is None:
+                from marsctl.models.encoders import load_encoder
 
-            same = encoder_fingerprint(load_encoder(reward_spec, device=device)) == judge_print
+                reward_encoder = load_encoder(reward_spec, device=device)
+            same = encoder_fingerprint(reward_encoder) == judge_print
             compared.append(f"reward encoder {reward_spec}")
         elif reward_spec == judge_spec:
             same = True
@@ -241,6 +244,11 @@ def check_judge(judge_spec: str, judge: QueryEncoder, model: LoadedSeparator, en
     return {"judge_fingerprint": judge_print, "reward_encoder_fingerprint": own_print, "judge_compared_with": compared}
 
 
+def recorded_reward_encoder(model: LoadedSeparator) -> str:
+    """The reward encoder spec the model's RL run recorded (``config.json`` ``training.reward_encoder``); '' if none."""
+    return str((model.config.get("training") or {}).get("reward_encoder") or "")
+
+
 def loads_here(encoder_spec: str) -> bool:
     """Whether an encoder spec recorded by a run loads without a download: a local folder, or ``default``
     (the shipped separator's encoder)."""
@@ -252,7 +260,7 @@ def reward_encoder_of(model: LoadedSeparator, encoder: QueryEncoder, device: str
     the report says it is. The reward encoder the model's RL run recorded (``training.reward_encoder``) when it is
     another encoder that loads here (a local folder, or ``default``); else the model's own query encoder (what a
     supervised model's RL run would optimise by default), saying so when the recorded one could not be used."""
-    reward_spec = str((model.config.get("training") or {}).get("reward_encoder") or "")
+    reward_spec = recorded_reward_encoder(model)
     if not reward_spec or reward_spec == model.encoder:
         return encoder, model.encoder, "the model's own query encoder"
     if loads_here(reward_spec):
@@ -300,7 +308,7 @@ def evaluate_model_on_dataset(
     judge_encoder = None
     if judge:
         judge_encoder = load_encoder(judge, device=device)
-        meta.update(check_judge(judge, judge_encoder, model, encoder, device))
+        meta.update(check_judge(judge, judge_encoder, model, encoder, device, reward_encoder=reward_encoder))
         meta["judge_score"] = f"100 x cos(label text, estimate audio) by the independent judge {judge}"
     else:
         meta["judge_note"] = NO_JUDGE_NOTE
