@@ -217,6 +217,37 @@ def test_rsample_is_a_differentiable_draw_from_the_policy():
     assert probs.grad is not None and bool((probs.grad > 0).all())  # a larger P moves every draw up
 
 
+def test_rsample_matches_the_beta_distribution_and_its_gradient_at_the_rl_concentration():
+    """The Gamma-ratio draw of rsample against torch.distributions.Beta at kappa 200 (the RL recipes'),
+    from the balanced to the most skewed bins: the same mean, variance and quantiles, and the
+    gradient of E[(M - c)^2] in P equal to the closed form's (unbiased). Its spread per draw is wider
+    than torch's Beta.rsample's in skewed bins (the Gamma ratio's gradient is not conditioned on M:
+    1.5x at P = 0.1, measured) and never more than 1.7x."""
+    torch.manual_seed(0)
+    probs = torch.tensor([0.005, 0.1, 0.5, 0.9, 0.995], requires_grad=True)
+    policy = BetaMaskPolicy(probs, kappa=200.0)
+    draws = policy.rsample(200000)
+    reference = torch.distributions.Beta(policy.alpha.detach(), policy.beta.detach()).sample(torch.Size([200000]))
+    assert torch.allclose(draws.mean(0), policy.mean.detach(), rtol=2e-3, atol=1e-4)
+    assert torch.allclose(draws.var(0), policy.variance.detach(), rtol=0.02)
+    quantiles = torch.tensor([0.05, 0.5, 0.95])
+    assert torch.allclose(torch.quantile(draws.detach(), quantiles, dim=0), torch.quantile(reference, quantiles, dim=0), rtol=0.01, atol=1e-3)
+
+    c = 0.3
+    expected = (policy.variance + (policy.mean - c).square()).sum()  # sum over bins of E[(M - c)^2]
+    (exact,) = torch.autograd.grad(expected, probs)
+    per_draw = lambda m: (m - c).square()
+    fresh = lambda: BetaMaskPolicy(probs, kappa=200.0)  # a new graph from probs for every gradient
+    (ours,) = torch.autograd.grad(per_draw(fresh().rsample(200000)).mean(0).sum(), probs)
+    assert torch.allclose(ours, exact, rtol=0.02, atol=1e-5), (ours, exact)
+    spread = {}
+    for name, sampler in (("ours", lambda: fresh().rsample(1)[0]),
+                          ("torch", lambda: (lambda p: torch.distributions.Beta(p.alpha, p.beta).rsample())(fresh()))):
+        grads = torch.stack([torch.autograd.grad(per_draw(sampler()).sum(), probs)[0] for _ in range(2000)])
+        spread[name] = grads.std(0)
+    assert bool((spread["ours"] <= 1.7 * spread["torch"] + 1e-7).all()), spread
+
+
 def test_pathwise_loss_value_and_gradient_match_the_expected_reward():
     """R(M) = -(M - c)^2 per bin: E[R] = -(Var + (mean - c)^2) in closed form. The pathwise loss
     -mean R over many reparameterized draws matches it, and so does its gradient in P."""

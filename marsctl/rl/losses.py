@@ -92,6 +92,15 @@ def per_bin_clipped_surrogate(rho: torch.Tensor, advantages: torch.Tensor, clip_
     return -torch.minimum(unclipped, clipped).mean()  # L_clip(per_bin)
 
 
+def policy_entropy(policy: BetaMaskPolicy, entropy_coef: float) -> torch.Tensor:
+    """H(pi_theta), the mean per bin; outside the graph when lambda_H = 0 (logged only: its backward
+    through lgamma and digamma would cost time for a zero gradient)."""
+    if entropy_coef != 0:
+        return policy.entropy().mean()
+    with torch.no_grad():
+        return policy.entropy().mean()
+
+
 def pathwise_loss(
     policy: BetaMaskPolicy,
     reference: BetaMaskPolicy | None,
@@ -107,7 +116,7 @@ def pathwise_loss(
     Same expected objective as the surrogate (E_{M ~ pi_theta} R), another gradient estimator.
     No ratio, so no clip fraction or ratio diagnostics."""
     mean_reward = rewards.mean()
-    entropy = policy.entropy().mean()  # H(pi_theta), mean per bin
+    entropy = policy_entropy(policy, entropy_coef)  # H(pi_theta), mean per bin
     kl_ref = policy.kl_divergence(reference).mean() if reference is not None else torch.zeros((), device=rewards.device)
     loss = -mean_reward - entropy_coef * entropy + kl_coef * kl_ref  # L = -mean R - lambda_H H + lambda_KL KL_ref
     stats = {"loss": float(loss.detach()), "surrogate": float(-mean_reward.detach()), "entropy": float(entropy.detach()),
@@ -154,7 +163,7 @@ def policy_loss(
         if segments is not None:  # A_{g,b,k(t)} for the bins of frame t, broadcast over f
             advantages = advantages[..., segment_index(masks.shape[-1], segments, masks.device)].unsqueeze(-2)
         clipped_term = per_bin_clipped_surrogate(rho, advantages, clip_eps)  # -mean min(rho A, clip(rho) A)
-    entropy = policy.entropy().mean()  # H(pi_theta), mean per bin
+    entropy = policy_entropy(policy, entropy_coef)  # H(pi_theta), mean per bin
     kl_ref = policy.kl_divergence(reference).mean() if reference is not None else torch.zeros((), device=masks.device)
     loss = clipped_term - entropy_coef * entropy + kl_coef * kl_ref  # L = L_clip - lambda_H H + lambda_KL KL_ref
 
