@@ -74,3 +74,33 @@ def test_union_breakdown_groups_and_pairs_sources(tmp_path):
                    "m1,violin,violin,-,mixture,0\n")
     rows = breakdown.read_rows(csv, "si_sdri")
     assert rows["model (text query)"] == {("m1", "violin"): 4.0} and rows["mixture"] == {("m1", "violin"): 0.0}
+
+
+def test_rl_seed_summary_pools_per_source_and_spreads_between_seeds(tmp_path):
+    """bench/rl_seed_summary.py on two toy seed runs: per-seed, pooled and between-seed numbers by hand."""
+    seeds = _load("rl_seed_summary")
+    start = [0.0, 1.0, 2.0, 3.0]
+
+    def write(run, name, values):
+        folder = tmp_path / run / f"eval-{name}"
+        folder.mkdir(parents=True)
+        lines = ["mixture,source,class,system,si_sdri"]
+        lines += [f"m{i // 2},{i % 2},dog,model (text query),{v}" for i, v in enumerate(values)]
+        lines += [f"m{i // 2},{i % 2},dog,mixture,0.0" for i in range(len(values))]  # other systems are ignored
+        (folder / "scores.csv").write_text("\n".join(lines) + "\n")
+
+    for run, gains in (("seed0", [1.0, 1.0, 1.0, 1.0]), ("seed1", [0.0, 2.0, 0.0, 2.0])):
+        write(run, "start", start)
+        write(run, "anchor", [s + g for s, g in zip(start, gains)])
+    write("seed0", "sisdr", [s + 0.5 for s in start])  # only one seed ran sisdr
+    rows = {(r["variant"], r["vs"]): r for r in seeds.summarize_runs([tmp_path / "seed0", tmp_path / "seed1"], "si_sdri")}
+    anchor = rows[("anchor", "start")]
+    assert anchor["seeds"] == 2 and anchor["sources"] == 4
+    assert [v["mean"] for v in anchor["per_seed"].values()] == pytest.approx([1.0, 1.0])
+    assert list(anchor["per_seed"].values())[1]["se"] == pytest.approx(np.std([0, 2, 0, 2], ddof=1) / 2)
+    assert anchor["pooled"]["mean"] == pytest.approx(1.0) and anchor["pooled"]["se"] == pytest.approx(np.std([0.5, 1.5, 0.5, 1.5], ddof=1) / 2)
+    assert anchor["between_seeds"] == pytest.approx({"mean": 1.0, "sem": 0.0})
+    assert rows[("sisdr", "start")]["seeds"] == 1 and rows[("sisdr", "start")]["pooled"]["mean"] == pytest.approx(0.5)
+    assert ("anchor_sisdr", "sisdr") not in rows and ("query", "start") not in rows
+    only = seeds.summarize_runs([tmp_path / "seed0", tmp_path / "seed1"], "si_sdri", [("anchor", "sisdr")])
+    assert len(only) == 1 and only[0]["seeds"] == 1 and only[0]["pooled"]["mean"] == pytest.approx(0.5)  # seed0 only has sisdr

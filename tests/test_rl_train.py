@@ -97,7 +97,7 @@ def test_short_rl_run_raises_reward_without_collapsing_entropy(tone_data, superv
 
 
 def test_pathwise_rl_run_raises_reward_and_si_sdri(tone_data, supervised, tmp_path):
-    """estimator 'pathwise' (masks drawn with Beta.rsample, gradient through the reward): 15 real
+    """estimator 'pathwise' (masks drawn reparameterized, gradient through the reward): 15 real
     steps raise the validation reward and SI-SDRi (a term without a gradient is refused: test_rl_rewards.py)."""
     from marsctl.rl.rewards import RewardConfig
 

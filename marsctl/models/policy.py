@@ -123,9 +123,9 @@ class BetaMaskPolicy:
         distributed; each Gamma draw carries its implicit reparameterization gradient
         dG/dc = -(dF(G; c)/dc) / f(G; c) (:meth:`torch.distributions.Gamma.rsample`). This is the
         same distribution and an unbiased gradient of the same expectation as
-        :meth:`torch.distributions.Beta.rsample` (which differentiates the Beta CDF instead), at
-        about a third of its cost on a CPU: its backward, ``_dirichlet_grad``, was 5x slower than two
-        Gamma gradients (``bench/rl_step_cost.py``; BENCHMARKS.md section 12)."""
+        :meth:`torch.distributions.Beta.rsample` (which differentiates the Beta CDF instead, with less
+        noise per bin), whose backward, ``_dirichlet_grad``, was 3-7x slower on a CPU than the two Gamma
+        gradients (BENCHMARKS.md section 12.4)."""
         size = torch.Size([num_samples])
         gamma_alpha = torch.distributions.Gamma(self.alpha, 1.0).rsample(size)  # G_a ~ Gamma(alpha, 1)
         gamma_beta = torch.distributions.Gamma(self.beta, 1.0).rsample(size)  # G_b ~ Gamma(beta, 1)

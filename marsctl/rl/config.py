@@ -68,7 +68,7 @@ class RLConfig(TrainingLoopConfig):
     #: then averages (token-level PPO). Identical when ppo_epochs = 1; see marsctl.rl.losses.
     surrogate: str = setting("bin_mean", choices=SURROGATES)
     #: "pathwise" (the default): the reparameterized gradient of the expected reward,
-    #: d/dtheta mean_g R(M_g(theta)) with M_g = Beta.rsample; needs every weighted reward term
+    #: d/dtheta mean_g R(M_g(theta)) with M_g = BetaMaskPolicy.rsample; needs every weighted reward term
     #: differentiable in the estimate (si_sdr and energy_guard are; the semantic terms are when the
     #: reward encoder computes its audio embedding with gradients). "score_function": the paper's
     #: PPO clipped surrogate on log-probability ratios (REINFORCE with group-relative advantages;

@@ -15,7 +15,7 @@
 
 ``pathwise`` (an extension: the same objective E_{M ~ pi_theta}[R(M)], another gradient)::
 
-    M_g = rsample(pi_theta)                               Beta implicit reparameterization
+    M_g = rsample(pi_theta)                               G_a / (G_a + G_b), implicit reparameterization
     L = -mean_g R(M_g(theta)) - lambda_H H(pi_theta) + lambda_KL KL(pi_theta || pi_ref)
 """
 
