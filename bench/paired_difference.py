@@ -41,6 +41,16 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return (math.nan if summary.mean is None else summary.mean), (math.nan if summary.standard_error is None else summary.standard_error)
 
 
+def finite_or_none(value):
+    """JSON has no NaN: an undefined mean or SE (e.g. the SE of a class with one source) is written as null,
+    in nested dicts and lists too."""
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [finite_or_none(item) for item in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("a", type=Path, help="scores.csv of model A (e.g. the starting model)")
@@ -75,9 +85,10 @@ def main() -> None:
     if args.json:
         from marsctl.files import write_json_atomic
 
-        write_json_atomic(args.json, {"a": str(args.a), "b": str(args.b), "metric": args.metric, "n": len(diffs),
-                                      "mean_a": mean_a, "se_a": se_a, "mean_b": mean_b, "se_b": se_b,
-                                      "mean_difference": mean_d, "se_difference": se_d, "better_share": wins, "per_class": per_class})
+        write_json_atomic(args.json, finite_or_none({"a": str(args.a), "b": str(args.b), "metric": args.metric, "n": len(diffs),
+                                                     "mean_a": mean_a, "se_a": se_a, "mean_b": mean_b, "se_b": se_b,
+                                                     "mean_difference": mean_d, "se_difference": se_d, "better_share": wins,
+                                                     "per_class": per_class}))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paired_difference import MODEL_SYSTEM, mean_se, read_scores  # noqa: E402
+from paired_difference import MODEL_SYSTEM, finite_or_none, mean_se, read_scores  # noqa: E402
 
 #: (B, A): the comparisons of bench/rl_reward_experiments.py's summary
 COMPARISONS = [(variant, "start") for variant in ("supervised", "sisdr", "anchor", "query", "anchor_sisdr", "query_contrast",
@@ -85,7 +85,7 @@ def main() -> None:
     if args.json:
         from marsctl.files import write_json_atomic
 
-        write_json_atomic(args.json, {"metric": args.metric, "runs": [str(run) for run in args.runs], "rows": rows})
+        write_json_atomic(args.json, finite_or_none({"metric": args.metric, "runs": [str(run) for run in args.runs], "rows": rows}))
 
 
 if __name__ == "__main__":

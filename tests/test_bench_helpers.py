@@ -104,3 +104,21 @@ def test_rl_seed_summary_pools_per_source_and_spreads_between_seeds(tmp_path):
     assert ("anchor_sisdr", "sisdr") not in rows and ("query", "start") not in rows
     only = seeds.summarize_runs([tmp_path / "seed0", tmp_path / "seed1"], "si_sdri", [("anchor", "sisdr")])
     assert len(only) == 1 and only[0]["seeds"] == 1 and only[0]["pooled"]["mean"] == pytest.approx(0.5)  # seed0 only has sisdr
+
+
+def test_paired_difference_json_has_no_nan(tmp_path):
+    """A class with one source has no SE: --json writes null there (JSON has no NaN), for both scripts."""
+    import json
+    import subprocess
+
+    for name, values in (("a", [0.0, 1.0, 2.0]), ("b", [1.0, 1.5, 2.0])):
+        lines = ["mixture,source,class,system,si_sdri"] + [f"m{i},0,{'dog' if i else 'cat'},model (text query),{v}" for i, v in enumerate(values)]
+        (tmp_path / f"{name}.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "paired.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "paired_difference.py"), str(tmp_path / "a.csv"), str(tmp_path / "b.csv"),
+                    "--json", str(out)], check=True, capture_output=True)
+    paired = json.loads(out.read_text())
+    assert paired["per_class"]["cat"] == {"mean": 1.0, "se": None, "better_share": 1.0, "n": 1}
+    assert paired["mean_difference"] == pytest.approx(0.5)
+    seeds = _load("rl_seed_summary")
+    assert seeds.finite_or_none({"rows": [{"sem": float("nan"), "mean": 1.0}]}) == {"rows": [{"sem": None, "mean": 1.0}]}
