@@ -267,3 +267,22 @@ def test_pathwise_loss_value_and_gradient_match_the_expected_reward():
     (expected_grad,) = torch.autograd.grad(expected, probs)
     assert torch.allclose(grad, expected_grad, atol=2e-3), (grad, expected_grad)
     assert "clip_fraction" not in out.stats and out.stats["surrogate"] == pytest.approx(-float(rewards.mean()))  # no ratio to clip
+
+
+def test_entropy_is_logged_outside_the_graph_when_its_weight_is_zero():
+    """entropy_coef 0: the logged entropy has the same value but no graph (no backward through lgamma and
+    digamma for a zero gradient); the loss's gradient is the same as with the entropy in the graph."""
+    from marsctl.rl.losses import pathwise_loss
+
+    probs = torch.tensor([0.2, 0.6, 0.9], requires_grad=True)
+    reference = BetaMaskPolicy(torch.tensor([0.3, 0.5, 0.7]), kappa=200.0)
+    make_rewards = lambda: -(BetaMaskPolicy(probs, kappa=200.0).mean - 0.5).square()[None]  # a fresh graph each time
+    out = pathwise_loss(BetaMaskPolicy(probs, kappa=200.0), reference, make_rewards(), entropy_coef=0.0, kl_coef=0.1)
+    assert not out.entropy.requires_grad
+    assert float(out.entropy) == pytest.approx(float(BetaMaskPolicy(probs, kappa=200.0).entropy().mean()))
+    (grad,) = torch.autograd.grad(out.loss, probs)
+    policy = BetaMaskPolicy(probs, kappa=200.0)
+    expected = -make_rewards().mean() - 0.0 * policy.entropy().mean() + 0.1 * policy.kl_divergence(reference).mean()
+    (expected_grad,) = torch.autograd.grad(expected, probs)
+    assert torch.allclose(grad, expected_grad)
+    assert pathwise_loss(BetaMaskPolicy(probs, kappa=200.0), None, make_rewards(), entropy_coef=0.1).entropy.requires_grad
