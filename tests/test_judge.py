@@ -233,7 +233,8 @@ def test_eval_scores_the_reward_encoder_an_rl_run_recorded(trained, tmp_path):
     config = rl_config(trained / "data", trained / "model", max_steps=1, encoder="", reward_encoder=str(reward_dir), val_every=1,
                        checkpoint_every=1, val_mixtures=1, batch_size=2, group_size=2, rewards=rewards, estimator="pathwise")
     train_rl(config, tmp_path / "rl", device="cpu", progress=False)
-    rows, paths = evaluate_model_on_dataset(tmp_path / "rl", trained / "data", tmp_path / "r", ("text",), limit=1, device="cpu")
+    rows, paths = evaluate_model_on_dataset(tmp_path / "rl", trained / "data", tmp_path / "r", ("text",), limit=1,
+                                            judge=str(trained / "other-judge"), device="cpu")
     mix = load_test_mixtures(trained / "data", limit=1)[0]
     mixture = torch.from_numpy(mix.mixture).expand(len(mix.labels), -1)
     by_reward = TextAudioScorer(load_encoder(reward_dir), 16_000)(mix.labels, mixture)
@@ -243,6 +244,9 @@ def test_eval_scores_the_reward_encoder_an_rl_run_recorded(trained, tmp_path):
     assert got == pytest.approx(by_reward.tolist(), abs=1e-3)
     meta = json.loads(paths["model_summary_json"].read_text())["meta"]
     assert meta["reward_encoder"] == str(reward_dir) and meta["reward_encoder_role"] == "the reward encoder its RL run optimised"
+    # the recorded fingerprints are each encoder's own (the reward encoder's was the query encoder's before)
+    assert meta["reward_encoder_fingerprint"] == encoder_fingerprint(load_encoder(reward_dir))
+    assert meta["query_encoder_fingerprint"] == encoder_fingerprint(load_encoder("builtin")) != meta["reward_encoder_fingerprint"]
     assert f"reward encoder `{reward_dir}`" in paths["model_summary_md"].read_text()
     # the same run recording a reward encoder that is not a folder here (a Hub id): the query encoder, said so
     config_path = tmp_path / "rl" / "config.json"

@@ -219,10 +219,13 @@ def check_judge(judge_spec: str, judge: QueryEncoder, model: LoadedSeparator, en
     """Refuse a judge with the same weights as the model's query encoder or as the reward
     encoder its RL run recorded (:func:`recorded_reward_encoder`, compared by weights when it
     :func:`loads_here`; ``reward_encoder``, when given, is that encoder already loaded by
-    :func:`reward_encoder_of`). Returns what the report records: fingerprints and what was compared."""
-    judge_print, own_print = encoder_fingerprint(judge), encoder_fingerprint(encoder)
+    :func:`reward_encoder_of`). Returns what the report records: the judge's, the query encoder's and the
+    reward encoder's fingerprints (None when the recorded reward encoder does not load here; the query
+    encoder's when the model was not trained against another one) and what was compared."""
+    judge_print, query_print = encoder_fingerprint(judge), encoder_fingerprint(encoder)
+    reward_print: str | None = query_print
     compared = [f"query encoder {model.encoder}"]
-    same = judge_print == own_print
+    same = judge_print == query_print
     reward_spec = recorded_reward_encoder(model)
     if not same and reward_spec and reward_spec != model.encoder:
         if loads_here(reward_spec):
@@ -230,18 +233,21 @@ def check_judge(judge_spec: str, judge: QueryEncoder, model: LoadedSeparator, en
                 from marsctl.models.encoders import load_encoder
 
                 reward_encoder = load_encoder(reward_spec, device=device)
-            same = encoder_fingerprint(reward_encoder) == judge_print
+            reward_print = encoder_fingerprint(reward_encoder)
+            same = reward_print == judge_print
             compared.append(f"reward encoder {reward_spec}")
         elif reward_spec == judge_spec:
             same = True
         else:
+            reward_print = None
             compared.append(f"not the reward encoder {reward_spec} (not a local directory here)")
     if same:
         raise MarsctlError(
             f"--judge {judge_spec}: same weights as the model's query/reward encoder (fingerprint {judge_print[:12]}), "
             "so not an independent judge; give another encoder, or leave out --judge"
         )
-    return {"judge_fingerprint": judge_print, "reward_encoder_fingerprint": own_print, "judge_compared_with": compared}
+    return {"judge_fingerprint": judge_print, "query_encoder_fingerprint": query_print, "reward_encoder_fingerprint": reward_print,
+            "judge_compared_with": compared}
 
 
 def recorded_reward_encoder(model: LoadedSeparator) -> str:
