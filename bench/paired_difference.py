@@ -22,15 +22,21 @@ MODEL_SYSTEM = "model (text query)"
 DECIBEL_METRICS = ("sdr", "sir", "sar", "si_sdr", "si_sdri", "sdri", "sir_i", "sar_i")
 
 
-def read_scores(path: Path, system: str, metric: str) -> dict[tuple[str, str], tuple[str, float]]:
+def read_scores(path: Path, system: str, metric: str, classes: set[str] | None = None) -> dict[tuple[str, str], tuple[str, float]]:
+    """``(mixture, source) -> (class, value)`` of one system's rows (only the sources of ``classes`` when given)."""
     rows = {}
     with open(path, newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
-            if row["system"] == system and row.get(metric) not in (None, ""):
+            if row["system"] == system and row.get(metric) not in (None, "") and (classes is None or row["class"] in classes):
                 rows[(row["mixture"], row["source"])] = (row["class"], float(row[metric]))
     if not rows:
-        raise SystemExit(f"{path}: no '{metric}' scores for system '{system}'")
+        raise SystemExit(f"{path}: no '{metric}' scores for system '{system}'" + (f" and classes {sorted(classes)}" if classes else ""))
     return rows
+
+
+def class_set(text: str | None) -> set[str] | None:
+    """``--classes "a,b"`` as a set (None: every class)."""
+    return {name.strip() for name in text.split(",") if name.strip()} if text else None
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -57,10 +63,12 @@ def main() -> None:
     parser.add_argument("b", type=Path, help="scores.csv of model B (e.g. the fine-tuned model)")
     parser.add_argument("--metric", default="si_sdri")
     parser.add_argument("--system", default=MODEL_SYSTEM, help="the system rows to compare")
+    parser.add_argument("--classes", metavar="A,B,...", help="compare only the sources of these classes (comma-separated)")
     parser.add_argument("--json", help="write the numbers here too")
     args = parser.parse_args()
 
-    a, b = read_scores(args.a, args.system, args.metric), read_scores(args.b, args.system, args.metric)
+    classes = class_set(args.classes)
+    a, b = read_scores(args.a, args.system, args.metric, classes), read_scores(args.b, args.system, args.metric, classes)
     keys = sorted(set(a) & set(b))
     if len(keys) != len(a) or len(keys) != len(b):
         raise SystemExit(f"the reports score different sources ({len(a)} in A, {len(b)} in B, {len(keys)} in both)")

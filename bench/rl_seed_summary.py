@@ -13,7 +13,8 @@ spread of RL. This script reads the runs' ``eval-*/scores.csv`` and reports, for
     python bench/rl_seed_summary.py runs/rl-seed0 runs/rl-seed1 runs/rl-seed2 [--metric si_sdri] [--json out.json]
 
 ``--compare B:A`` names other report pairs (``eval-B`` against ``eval-A``), e.g. ``adapted:start`` for the runs of
-``bench/rl_domain_adaptation.py``.
+``bench/rl_domain_adaptation.py``; ``--classes A,B`` keeps only the sources of those classes (e.g. classes held
+out of the start's training).
 """
 
 from __future__ import annotations
@@ -25,29 +26,30 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paired_difference import MODEL_SYSTEM, finite_or_none, mean_se, read_scores  # noqa: E402
+from paired_difference import MODEL_SYSTEM, class_set, finite_or_none, mean_se, read_scores  # noqa: E402
 
 #: (B, A): the comparisons of bench/rl_reward_experiments.py's summary
 COMPARISONS = [(variant, "start") for variant in ("supervised", "sisdr", "anchor", "query", "anchor_sisdr", "query_contrast",
                                                   "anchor_score_function")] + [("anchor_sisdr", "sisdr")]
 
 
-def seed_differences(run: Path, b: str, a: str, metric: str) -> dict[tuple[str, str], float] | None:
+def seed_differences(run: Path, b: str, a: str, metric: str, classes: set[str] | None = None) -> dict[tuple[str, str], float] | None:
     """Per-source B − A of one run directory, or None when it lacks either report."""
     paths = [run / f"eval-{name}" / "scores.csv" for name in (b, a)]
     if not all(path.is_file() for path in paths):
         return None
-    scores_b, scores_a = (read_scores(path, MODEL_SYSTEM, metric) for path in paths)
+    scores_b, scores_a = (read_scores(path, MODEL_SYSTEM, metric, classes) for path in paths)
     if set(scores_b) != set(scores_a):
         raise SystemExit(f"{run}: eval-{b} and eval-{a} score different sources")
     return {key: scores_b[key][1] - scores_a[key][1] for key in scores_a
             if math.isfinite(scores_b[key][1]) and math.isfinite(scores_a[key][1])}
 
 
-def summarize_runs(runs: list[Path], metric: str, comparisons: list[tuple[str, str]] | None = None) -> list[dict]:
+def summarize_runs(runs: list[Path], metric: str, comparisons: list[tuple[str, str]] | None = None,
+                   classes: set[str] | None = None) -> list[dict]:
     rows = []
     for b, a in comparisons or COMPARISONS:
-        per_seed = {str(run): diffs for run in runs if (diffs := seed_differences(run, b, a, metric)) is not None}
+        per_seed = {str(run): diffs for run in runs if (diffs := seed_differences(run, b, a, metric, classes)) is not None}
         if not per_seed:
             continue
         keys = set.intersection(*(set(diffs) for diffs in per_seed.values()))
@@ -68,12 +70,13 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="rl_reward_experiments.py --out directories, one per seed")
     parser.add_argument("--metric", default="si_sdri")
     parser.add_argument("--compare", nargs="*", metavar="B:A", help="report pairs to compare (default: the RL variants against the start, and anchor_sisdr:sisdr)")
+    parser.add_argument("--classes", metavar="A,B,...", help="only the sources of these classes (comma-separated)")
     parser.add_argument("--json", help="write the numbers here too")
     args = parser.parse_args()
     comparisons = [tuple(pair.split(":", 1)) for pair in args.compare] if args.compare else None
     if comparisons and any(len(pair) != 2 for pair in comparisons):
         raise SystemExit("--compare takes B:A pairs of eval-report names, e.g. adapted:start")
-    rows = summarize_runs(args.runs, args.metric, comparisons)
+    rows = summarize_runs(args.runs, args.metric, comparisons, class_set(args.classes))
     if not rows:
         raise SystemExit("no run has a variant's eval report beside its eval-start report")
     print(f"| variant | vs | seeds | per seed ({args.metric}) | pooled per source | between seeds (mean ± SEM) |\n|---|---|---:|---|---:|---:|")

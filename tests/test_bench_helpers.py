@@ -104,6 +104,10 @@ def test_rl_seed_summary_pools_per_source_and_spreads_between_seeds(tmp_path):
     assert ("anchor_sisdr", "sisdr") not in rows and ("query", "start") not in rows
     only = seeds.summarize_runs([tmp_path / "seed0", tmp_path / "seed1"], "si_sdri", [("anchor", "sisdr")])
     assert len(only) == 1 and only[0]["seeds"] == 1 and only[0]["pooled"]["mean"] == pytest.approx(0.5)  # seed0 only has sisdr
+    dog_only = seeds.summarize_runs([tmp_path / "seed0"], "si_sdri", [("anchor", "start")], classes={"dog"})
+    assert dog_only[0]["sources"] == 4
+    with pytest.raises(SystemExit, match="classes"):
+        seeds.summarize_runs([tmp_path / "seed0"], "si_sdri", [("anchor", "start")], classes={"cat"})
 
 
 def test_paired_difference_json_has_no_nan(tmp_path):
