@@ -233,6 +233,8 @@ def test_eval_scores_the_reward_encoder_an_rl_run_recorded(trained, tmp_path):
     config = rl_config(trained / "data", trained / "model", max_steps=1, encoder="", reward_encoder=str(reward_dir), val_every=1,
                        checkpoint_every=1, val_mixtures=1, batch_size=2, group_size=2, rewards=rewards, estimator="pathwise")
     train_rl(config, tmp_path / "rl", device="cpu", progress=False)
+    # the RL model records the classes its start was trained on (and those of its RL data: the same here)
+    assert json.loads((tmp_path / "rl" / "config.json").read_text())["labels"] == json.loads((trained / "model" / "config.json").read_text())["labels"] != []
     rows, paths = evaluate_model_on_dataset(tmp_path / "rl", trained / "data", tmp_path / "r", ("text",), limit=1,
                                             judge=str(trained / "other-judge"), device="cpu")
     mix = load_test_mixtures(trained / "data", limit=1)[0]

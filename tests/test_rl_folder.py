@@ -247,3 +247,31 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def test_folder_run_warns_about_queries_the_start_was_not_trained_on(folder, tmp_path):
+    """A start whose config records its classes: a folder query far from all of them gets one warning line
+    (reference-free RL does not teach new classes, BENCHMARKS.md 12.2b), a known one none; the RL run's model
+    records the start's classes."""
+    import json
+
+    from marsctl.rl.folder_data import new_class_warnings
+    from test_rl_worker import make_test_encoders
+
+    mixtures, queries = folder
+    start = make_start(tmp_path / "start")
+    config_path = start / "config.json"
+    config = json.loads(config_path.read_text())
+    config["labels"] = ["low hum"]  # "noise hiss" and "static" (file 0's composed query) are not
+    config_path.write_text(json.dumps(config))
+    messages: list[str] = []
+    run(folder_config(mixtures, queries, start, max_steps=1, val_every=1, checkpoint_every=1), tmp_path / "rl", log=messages.append)
+    warned = [m for m in messages if "reference-free RL does not teach new classes" in m]
+    encoder, _ = make_test_encoders()
+    from marsctl.separate.queries import Query
+
+    expected = new_class_warnings(encoder, ["low hum"], [Query(texts=("noise hiss", "static")), Query(texts=("low hum",))])
+    assert warned == expected and 1 <= len(warned) <= 2 and not any("'low hum'" in m for m in warned), messages
+    assert all("\n" not in m and "nearest: low hum" in m for m in warned)
+    assert json.loads((tmp_path / "rl" / "config.json").read_text())["labels"] == ["low hum"]
+    assert new_class_warnings(encoder, [], [Query(texts=("static",))]) == []  # a start that records no classes: no check

@@ -86,6 +86,11 @@ def test_short_run_validation_si_sdri_rises(tone_data, tmp_path):
     # the run directory is a loadable model (the best one), with a card and TensorBoard scalars
     loaded = load_separator(tmp_path / "run")
     assert loaded.config["training"]["best_val_si_sdri_db"] == pytest.approx(max(val))
+    # the classes it was trained on travel with it (`separate` notes queries far from all of them)
+    from marsctl.data.manifest import load_clips
+
+    train_clips = load_clips(tone_data, kept_only=True, split="train")
+    assert loaded.config["labels"] == sorted(set(train_clips["label"])) and len(loaded.config["labels"]) >= 2
     assert "SI-SDRi" in (tmp_path / "run" / "README.md").read_text()
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert list_checkpoints(tmp_path / "run") == [30, 40]

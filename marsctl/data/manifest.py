@@ -236,6 +236,12 @@ def load_clips(dataset_dir: str | Path, *, kept_only: bool = False, split: str |
     return ds
 
 
+def training_labels(dataset_dir: str | Path) -> list[str]:
+    """The sorted classes of a dataset's kept training clips: what a separator trained on it knows
+    (recorded as ``labels`` in its ``config.json``; ``marsctl separate`` notes queries far from all of them)."""
+    return sorted(set(load_clips(dataset_dir, kept_only=True, split="train")["label"]))
+
+
 def load_mixtures(dataset_dir: str | Path, *, split: str | None = None) -> datasets.Dataset:
     """The fixed mixtures manifest of a dataset as a ``datasets.Dataset`` (in memory)."""
     ds = _load(Path(dataset_dir) / MIXTURES_MANIFEST, MIXTURE_FEATURES)

@@ -128,13 +128,12 @@ def write_examples(dataset_dir: Path, chosen: list[dict]) -> list[dict]:
 
 
 def package(run_dir: Path, dataset_dir: Path, encoder_dir: Path | None = None, recipe: str = "union-small") -> dict:
-    from marsctl.data.manifest import load_clips
+    from marsctl.data.manifest import training_labels
     from marsctl.data.union import source_groups
 
     run = load_separator(run_dir)
     training = run.config.get("training", {})
-    clips = load_clips(dataset_dir).to_pandas()
-    labels = sorted(set(clips.loc[clips["keep"] & (clips["split"] == "train"), "label"]))
+    labels = training_labels(dataset_dir)
     trained_with = load_encoder(run.encoder)
     encoder = trained_with
     aligned = None

@@ -51,7 +51,7 @@ from marsctl.rl.trainer import RLTask
 from marsctl.train.distributed import DistributedContext
 from marsctl.train.loop import Scores
 from marsctl.separate.inputs import find_inputs, read_query_mapping
-from marsctl.separate.queries import Query, embed_query
+from marsctl.separate.queries import Query, embed_query, out_of_vocabulary
 
 #: RewardBatch inputs that only a reference (a separated target) provides, and why
 REFERENCE_INPUTS = {
@@ -290,8 +290,8 @@ class FolderRLTask(RLTask):
 
     def __init__(self, config: RLConfig, model: Separator, reference: Separator, encoder: QueryEncoder, encoder_spec: str,
                  reward_model: RewardModel, data: FolderData, query_vectors: torch.Tensor, labels: Sequence[str],
-                 ctx: DistributedContext):
-        super().__init__(config, model, reference, encoder, encoder_spec, reward_model, data.folder, ctx)
+                 ctx: DistributedContext, known_labels: Sequence[str] = ()):
+        super().__init__(config, model, reference, encoder, encoder_spec, reward_model, data.folder, ctx, known_labels=known_labels)
         self.data, self.query_vectors, self.labels = data, query_vectors, list(labels)
         self.val_crops = held_out_crops(data.val, self.signal.segment_samples, config.val_mixtures)
         self.last_val_reward: float | None = None
@@ -338,14 +338,19 @@ class FolderRLTask(RLTask):
 
 
 def folder_task(config: RLConfig, model: Separator, reference: Separator, encoder: QueryEncoder, encoder_spec: str,
-                reward_encoder: QueryEncoder, ctx: DistributedContext, say: Callable[[str], None]) -> FolderRLTask:
+                reward_encoder: QueryEncoder, ctx: DistributedContext, say: Callable[[str], None],
+                known_labels: Sequence[str] = ()) -> FolderRLTask:
     """The RL task of ``config.data`` (a plain folder) with ``config.queries``: files decoded,
-    queries embedded by the query encoder (and by the reward encoder when it is another one)."""
+    queries embedded by the query encoder (and by the reward encoder when it is another one).
+    ``known_labels`` (the classes the start was trained on, when its config records them): a text
+    query far from all of them gets one warning line each (:func:`new_class_warnings`)."""
     signal = model.config.signal
     data = load_folder_data(config.data, config.queries, signal.sample_rate, config.seed, say)
     say(f"train rl on {data.describe()}; validation logs the mean reward terms on the held-out files "
         "(no references: no SI-SDRi)" if data.val else f"train rl on {data.describe()}; one usable file: nothing held out, "
         "no validation")
+    for warning in new_class_warnings(encoder, known_labels, data.queries):
+        say(warning)
     labels = query_keys(data.queries)
     query_vectors = embed_queries(encoder, data.queries, signal.sample_rate)
     same = reward_encoder is encoder
@@ -353,4 +358,16 @@ def folder_task(config: RLConfig, model: Separator, reference: Separator, encode
     reward_model = QueryRewardModel(reward_encoder, reference_free(reward_functions(config.rewards)), signal, same_space_as_queries=same,
                                     segments=config.rewards.segments, config=config.rewards,
                                     query_vectors=dict(zip(labels, reward_vectors)))
-    return FolderRLTask(config, model, reference, encoder, encoder_spec, reward_model, data, query_vectors, labels, ctx)
+    return FolderRLTask(config, model, reference, encoder, encoder_spec, reward_model, data, query_vectors, labels, ctx, known_labels)
+
+
+def new_class_warnings(encoder: QueryEncoder, known_labels: Sequence[str], queries: Sequence[Query]) -> list[str]:
+    """One line per text query far, in the query encoder's space, from every class the start was trained on
+    (``marsctl separate``'s out-of-vocabulary rule): reference-free RL does not teach a separator new classes
+    (BENCHMARKS.md 12.2b: 8 held-out everyday classes gained nothing and the other classes lost 0.44 dB)."""
+    texts = [text for query in queries for text in query.texts]
+    return [f"query {note.query!r} is far from every class the starting separator was trained on (nearest: "
+            + ", ".join(f"{label} ({cos:.2f})" for label, cos in note.nearest)
+            + "); reference-free RL does not teach new classes and may degrade the others (BENCHMARKS.md 12.2b): "
+            "train it with references first ('marsctl train sup')"
+            for note in out_of_vocabulary(encoder, list(known_labels), texts)]

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -66,8 +66,9 @@ class RLTask:
 
     def __init__(self, config: RLConfig, model: Separator, reference: Separator, encoder: QueryEncoder, encoder_spec: str,
                  reward_model: RewardModel, dataset_dir: Path, ctx: DistributedContext, judge: RLJudge | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, known_labels: Sequence[str] = ()):
         self.config, self.model, self.reference, self.ctx = config, model, reference, ctx
+        self.known_labels = list(known_labels)  # the classes the saved policy knows (config.json "labels")
         self.judge, self.step = judge, 0  # the independent judge of validations (config.judge), the latest step
         self.si_sdri_witness = SiSdriWitness(judge.log if judge is not None else log)  # reward up, SI-SDRi down: warned
         self.encoder_spec, self.reward_model = encoder_spec, reward_model
@@ -150,6 +151,7 @@ class RLTask:
             # the policy setting kappa travels with the fine-tuned model
             "separator": {**to_mapping(self.model.config), "kappa": self.kappa},
             "training": {"stage": "rl", **to_mapping(config), "encoder": self.encoder_spec, "step": step, "last_val_si_sdri_db": scores.last},
+            **({"labels": self.known_labels} if self.known_labels else {}),
         }
         save_separator(self.model, directory, encoder=self.encoder_spec, extra=extra, card=self.card(step, scores))
 
@@ -247,9 +249,14 @@ def train_rl(
     torch.manual_seed(config.seed + ctx.rank)
     model.eval()  # BatchNorm in inference mode: the optimized policy is the deployed one (see the docstring)
     judge = RLJudge.load(config.judge, reward_encoder, model.config.signal.sample_rate, ctx.device, say) if config.judge else None
-    if config.queries:
-        task = folder_task(config, model, reference, encoder, encoder_spec, reward_encoder, ctx, say)
+    known_labels = [str(label) for label in start.config.get("labels") or []]  # what the start was trained on
+    if config.queries:  # reference-free RL on a folder does not teach new classes (BENCHMARKS.md 12.2b)
+        task = folder_task(config, model, reference, encoder, encoder_spec, reward_encoder, ctx, say, known_labels)
     else:
-        task = RLTask(config, model, reference, encoder, encoder_spec, reward_model, dataset_dir, ctx, judge=judge, log=say)
+        from marsctl.data.manifest import training_labels
+
+        known_labels = sorted(set(known_labels) | set(training_labels(dataset_dir)))
+        task = RLTask(config, model, reference, encoder, encoder_spec, reward_model, dataset_dir, ctx, judge=judge, log=say,
+                      known_labels=known_labels)
     result = run_training(task, config, run_dir, ctx, resume=resume, progress=progress, on_step_end=on_step_end, log=say)
     return RLResult(model=model, run_dir=Path(run_dir), step=result.step, history=result.history)

@@ -148,6 +148,9 @@ class SupervisedTask:
         self.queries = QueryBuilder(encoder, dataset_dir, config.signal.sample_rate, config.query_modalities, config.query_mixup)
         self.use_bf16 = config.bf16 and ctx.device.type == "cuda"
         self.val_sources = 0
+        from marsctl.data.manifest import training_labels
+
+        self.known_labels = training_labels(dataset_dir)  # recorded with the model: the classes it was trained on
 
     def train_step(self, step: int, batch: dict[str, Any], train_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    log: bool) -> dict[str, Any]:
@@ -176,7 +179,7 @@ class SupervisedTask:
         return {"val_si_sdri": metrics["si_sdri"]}
 
     def save_artifact(self, directory: Path, step: int, scores: Scores) -> None:
-        extra = {"training": {**to_mapping(self.config), "step": step, "best_val_si_sdri_db": scores.best}}
+        extra = {"training": {**to_mapping(self.config), "step": step, "best_val_si_sdri_db": scores.best}, "labels": self.known_labels}
         save_separator(self.model, directory, encoder=self.config.encoder, extra=extra,
                        card=_model_card(self.config, step, scores.best, self.val_sources))
 
