@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from marsctl.config import SignalConfig, load_recipe, to_mapping
+from marsctl.data.manifest import training_labels
 from marsctl.errors import MarsctlError
 from marsctl.models.encoder_base import QueryEncoder
 from marsctl.models.policy import DEFAULT_KAPPA
@@ -148,8 +149,6 @@ class SupervisedTask:
         self.queries = QueryBuilder(encoder, dataset_dir, config.signal.sample_rate, config.query_modalities, config.query_mixup)
         self.use_bf16 = config.bf16 and ctx.device.type == "cuda"
         self.val_sources = 0
-        from marsctl.data.manifest import training_labels
-
         self.known_labels = training_labels(dataset_dir)  # recorded with the model: the classes it was trained on
 
     def train_step(self, step: int, batch: dict[str, Any], train_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
