@@ -366,8 +366,7 @@ def new_class_warnings(encoder: QueryEncoder, known_labels: Sequence[str], queri
     (``marsctl separate``'s out-of-vocabulary rule): reference-free RL does not teach a separator new classes
     (BENCHMARKS.md 12.2b: 8 held-out everyday classes gained nothing and the other classes lost 0.44 dB)."""
     texts = [text for query in queries for text in query.texts]
-    return [f"query {note.query!r} is far from every class the starting separator was trained on (nearest: "
-            + ", ".join(f"{label} ({cos:.2f})" for label, cos in note.nearest)
-            + "); reference-free RL does not teach new classes and may degrade the others (BENCHMARKS.md 12.2b): "
+    return [f"query {note.query!r} is far from every class the starting separator was trained on (nearest: {note.nearest_text}); "
+            "reference-free RL does not teach new classes and may degrade the others (BENCHMARKS.md 12.2b): "
             "train it with references first ('marsctl train sup')"
             for note in out_of_vocabulary(encoder, list(known_labels), texts)]

@@ -130,10 +130,14 @@ class VocabularyNote:
     query: str
     nearest: tuple[tuple[str, float], ...]
 
+    @property
+    def nearest_text(self) -> str:
+        """The nearest known classes with their cosines, e.g. ``violin (0.52), cello (0.48)``."""
+        return ", ".join(f"{label} ({cos:.2f})" for label, cos in self.nearest)
+
     def message(self) -> str:
-        near = ", ".join(f"{label} ({cos:.2f})" for label, cos in self.nearest)
         return (f"query {self.query!r} is far from every class this model was trained on "
-                f"(nearest: {near}); separating anyway, expect a poor result")
+                f"(nearest: {self.nearest_text}); separating anyway, expect a poor result")
 
 
 def out_of_vocabulary(encoder: QueryEncoder, known_labels: list[str] | tuple[str, ...], texts: list[str] | tuple[str, ...],
