@@ -93,8 +93,9 @@ def main() -> None:
             print(f"| {name} | {m:+.2f} ± {se:.2f} | {n} |")
     if args.json:
         from marsctl.files import write_json_atomic
+        from paired_difference import finite_or_none  # bench/, beside this script
 
-        write_json_atomic(args.json, result)
+        write_json_atomic(args.json, finite_or_none(result))  # a one-source group's SE is undefined: null
 
 
 if __name__ == "__main__":
