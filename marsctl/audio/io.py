@@ -61,11 +61,13 @@ def load_audio_native(path: str | Path) -> tuple[np.ndarray, int]:
 
 
 def check_readable(path: Path) -> None:
-    """Raise :class:`AudioError` for a missing, empty or unreadable file, or a directory."""
+    """Raise :class:`AudioError` for a missing, empty or unreadable file, a directory, a FIFO or a device."""
     if not path.exists():
         raise AudioError(path, "no such file")
     if path.is_dir():
         raise AudioError(path, "is a directory, not an audio file")
+    if not path.is_file():  # reading a FIFO blocks, a device never ends
+        raise AudioError(path, "not a regular file (a FIFO, socket or device)")
     try:
         with open(path, "rb") as handle:
             if not handle.read(1):

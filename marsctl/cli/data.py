@@ -103,7 +103,7 @@ def build_cmd(
     Exits 1 when some items failed or were skipped (the rest is built; see logs/failures.jsonl).
     """
     with user_errors():
-        from marsctl.data.build import build
+        from marsctl.data.build import build, folder_files_input
         from marsctl.data.recipe import load_recipe
         from marsctl.hub import run_stage
 
@@ -113,11 +113,13 @@ def build_cmd(
 
         def _build() -> None:
             nonlocal summary
-            summary = build(spec, dataset_dir, _options(source_list, root, workers, mirror, cookies, limit, retry_failed, quiet))
+            summary = build(spec, dataset_dir, options)
 
         # identity for --reuse / the card: the recipe, --limit, and the local inputs (source list file, and the
-        # labeled folder of a folder recipe; for other kinds --root only says where relative paths start)
-        folder_root = root if spec.source_kind == "folder" else None
+        # files of a folder recipe's labeled folder that the build reads; for other kinds --root only says
+        # where relative paths start)
+        options = _options(source_list, root, workers, mirror, cookies, limit, retry_failed, quiet)
+        folder_root = folder_files_input(spec, dataset_dir, options) if spec.source_kind == "folder" else None
         inputs = {"source_list": source_list if source_list and Path(source_list).is_file() else None, "root": folder_root}
         identity = {"recipe": spec.to_mapping(), "limit": limit, **({"root": str(Path(root).resolve())} if root and not folder_root else {})}
         outcome = run_stage("data.build", identity, inputs, dataset_dir, _build,
@@ -147,7 +149,7 @@ def fetch_cmd(
 ) -> None:
     """Fetch (download, render or import) the clips of a recipe only; resumable."""
     with user_errors():
-        from marsctl.data.build import BuildSummary, summarize_fetch, sweep_temporary_files, write_card
+        from marsctl.data.build import BuildSummary, build_lock, summarize_fetch, sweep_temporary_files, write_card
         from marsctl.data.fetch import apply_options, fetch
         from marsctl.data.recipe import load_recipe
 
@@ -156,12 +158,13 @@ def fetch_cmd(
         dataset_dir = _out_dir(out, spec)
         spec = apply_options(spec, options, dataset_dir)
         dataset_dir.mkdir(parents=True, exist_ok=True)
-        sweep_temporary_files(dataset_dir)
-        write_card(dataset_dir, spec, "fetching")
-        result = fetch(spec, dataset_dir, options)
-        summary = BuildSummary(recipe=spec.name)
-        summarize_fetch(summary, result)
-        write_card(dataset_dir, spec, "fetched", summary)
+        with build_lock(dataset_dir):
+            sweep_temporary_files(dataset_dir)
+            write_card(dataset_dir, spec, "fetching")
+            result = fetch(spec, dataset_dir, options)
+            summary = BuildSummary(recipe=spec.name)
+            summarize_fetch(summary, result)
+            write_card(dataset_dir, spec, "fetched", summary)
         console.print(f"fetched {len(result.ok)} clip(s) into {dataset_dir} ({result.units_reused} unit(s) already done)")
         print_summary(summary, dataset_dir)
     if summary.n_failed:

@@ -7,13 +7,14 @@ with the same manifests as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from marsctl.data.fetch import FetchOptions, FetchResult, apply_options, fetch, load_fetched
 from marsctl.data.filter import FilterResult, filter_clips
@@ -22,6 +23,7 @@ from marsctl.data.mixing import make_mixtures
 from marsctl.data.recipe import DataRecipe, recipe_from_mapping
 from marsctl.errors import MarsctlError
 from marsctl.files import write_json_atomic
+from marsctl.train.lock import RunLock
 
 
 @dataclass
@@ -102,27 +104,70 @@ def read_card_recipe(dataset_dir: str | Path) -> DataRecipe:
     return recipe_from_mapping(card.get("config"), f"{path}:config")
 
 
-#: temporary names left by a killed writer: ``atomic_path``'s ``.<stem>.<random>.tmp<suffix>``
-#: files, ``extract_frames``' ``.<clip_id>.<random>`` folders and ``state/tmp`` downloads
-_TEMP_FILE = re.compile(r"^\..+\.tmp(\.[A-Za-z0-9]+)?$")
+#: temporary names a killed writer of this build leaves: ``atomic_path``'s
+#: ``.<stem>.<8 random characters of mkstemp>.tmp<suffix>`` files (nothing else matches)
+_TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
+#: the folders a build writes into; the sweep looks only there (and at the top-level files below)
+BUILD_FOLDERS = ("clips", "frames", "manifests", "mixtures", "state", "logs", "scores")
+#: the files a build writes at the top of the dataset folder (their temporary names are swept too)
+_TOP_LEVEL_STEMS = frozenset({"dataset", "provenance", "artifact", "README"})
+#: the lock a build holds on its dataset folder (the same advisory lock a training run holds on its run)
+BUILD_LOCK = "build.lock"
+
+
+def _is_own_temp(path: Path) -> bool:
+    return _TEMP_FILE.match(path.name) is not None and path.is_file() and not path.is_symlink()
 
 
 def sweep_temporary_files(dataset_dir: Path) -> int:
-    """Remove what a killed run left half-written (temporary names only; finished files never match)."""
+    """Remove what a killed build left half-written: temporary names of marsctl's own writers, under the
+    build's own folders only (a user's ``.notes.tmp`` elsewhere in the tree is never touched)."""
     removed = 0
-    for path in list(dataset_dir.rglob(".*")):
-        if path.is_file() and not path.is_symlink() and _TEMP_FILE.match(path.name):
+    for path in list(dataset_dir.glob(".*")):
+        if _is_own_temp(path) and path.name[1:].split(".", 1)[0] in _TOP_LEVEL_STEMS:
             path.unlink(missing_ok=True)
             removed += 1
-        elif path.is_dir() and path.parent.parent.name == "frames" and path.parent.parent.parent == dataset_dir:
-            shutil.rmtree(path, ignore_errors=True)
-            removed += 1
+    for folder in BUILD_FOLDERS:
+        root = dataset_dir / folder
+        if not root.is_dir() or root.is_symlink():
+            continue
+        for path in list(root.rglob(".*")):
+            if _is_own_temp(path):
+                path.unlink(missing_ok=True)
+                removed += 1
+            elif folder == "frames" and path.is_dir() and not path.is_symlink() and path.parent.parent == root:
+                # extract_frames' ``.<clip_id>.<random>`` staging folders: frames/<label>/.<clip_id>.*
+                shutil.rmtree(path, ignore_errors=True)
+                removed += 1
     tmp = dataset_dir / "state" / "tmp"
-    if tmp.is_dir():
+    if tmp.is_dir() and not tmp.is_symlink():
         for child in tmp.iterdir():
-            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+            shutil.rmtree(child, ignore_errors=True) if child.is_dir() and not child.is_symlink() else child.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+@contextlib.contextmanager
+def build_lock(dataset_dir: Path) -> Iterator[None]:
+    """Hold the dataset folder's lock (refused with one line while another build writes there)."""
+    with RunLock(dataset_dir, BUILD_LOCK, "data build"):
+        yield
+
+
+def folder_files_input(recipe: DataRecipe, dataset_dir: str | Path, options: FetchOptions):
+    """The stage input of a folder recipe's root: the regular files under it that the build reads
+    (a :class:`marsctl.hub.stage.FileSelection`), so the fingerprint never reads anything else; None for
+    other source kinds."""
+    from marsctl.data.fetch import plan
+    from marsctl.hub.stage import FileSelection
+
+    dataset_dir = Path(dataset_dir)
+    recipe = apply_options(recipe, options, dataset_dir)
+    if recipe.source_kind != "folder":
+        return None
+    units, _ = plan(recipe, dataset_dir, options)
+    root = Path(recipe.folder.root or options.root or "").expanduser().resolve()
+    return FileSelection(root, tuple(Path(item[0]).relative_to(root).as_posix() for unit in units for item in unit.items))
 
 
 def build(
@@ -137,39 +182,42 @@ def build(
     dataset_dir = Path(dataset_dir)
     recipe = apply_options(recipe, options, dataset_dir)
     dataset_dir.mkdir(parents=True, exist_ok=True)
-    sweep_temporary_files(dataset_dir)  # one build per directory at a time
-    summary = BuildSummary(recipe=recipe.name)
-    write_card(dataset_dir, recipe, "building")
-    fetched = fetch(recipe, dataset_dir, options)
-    summarize_fetch(summary, fetched)
-    filtered = filter_clips(recipe, dataset_dir, fetched.records, encoder=encoder, progress=options.progress)
-    summarize_filter(summary, filtered)
-    rows = make_mixtures(recipe, dataset_dir, progress=options.progress)
-    summary.mixtures_per_split = Counter(r["split"] for r in rows)
-    write_card(dataset_dir, recipe, "complete", summary)
+    with build_lock(dataset_dir):  # one build per directory at a time: the sweep never meets a live writer
+        sweep_temporary_files(dataset_dir)
+        summary = BuildSummary(recipe=recipe.name)
+        write_card(dataset_dir, recipe, "building")
+        fetched = fetch(recipe, dataset_dir, options)
+        summarize_fetch(summary, fetched)
+        filtered = filter_clips(recipe, dataset_dir, fetched.records, encoder=encoder, progress=options.progress)
+        summarize_filter(summary, filtered)
+        rows = make_mixtures(recipe, dataset_dir, progress=options.progress)
+        summary.mixtures_per_split = Counter(r["split"] for r in rows)
+        write_card(dataset_dir, recipe, "complete", summary)
     return summary
 
 
 def refilter(recipe: DataRecipe, dataset_dir: str | Path, *, encoder=None, progress: bool = True) -> BuildSummary:
     """Rerun the filter on an already fetched dataset (cached scores; new thresholds apply)."""
     dataset_dir = Path(dataset_dir)
-    sweep_temporary_files(dataset_dir)
-    summary = BuildSummary(recipe=recipe.name)
     records = load_fetched(dataset_dir)
-    summary.failed.update(_reason_kind(r.reason) for r in records if r.status != "ok")
-    summarize_filter(summary, filter_clips(recipe, dataset_dir, records, encoder=encoder, progress=progress))
-    write_card(dataset_dir, recipe, "filtered", summary)
+    with build_lock(dataset_dir):
+        sweep_temporary_files(dataset_dir)
+        summary = BuildSummary(recipe=recipe.name)
+        summary.failed.update(_reason_kind(r.reason) for r in records if r.status != "ok")
+        summarize_filter(summary, filter_clips(recipe, dataset_dir, records, encoder=encoder, progress=progress))
+        write_card(dataset_dir, recipe, "filtered", summary)
     return summary
 
 
 def remix(recipe: DataRecipe, dataset_dir: str | Path, *, progress: bool = True) -> BuildSummary:
     dataset_dir = Path(dataset_dir)
-    sweep_temporary_files(dataset_dir)
-    summary = BuildSummary(recipe=recipe.name)
     clips = load_clips(dataset_dir)
-    summary.clips_total = len(clips)
-    summary.kept = sum(clips["keep"])
-    rows = make_mixtures(recipe, dataset_dir, progress=progress)
-    summary.mixtures_per_split = Counter(r["split"] for r in rows)
-    write_card(dataset_dir, recipe, "complete", summary)
+    with build_lock(dataset_dir):
+        sweep_temporary_files(dataset_dir)
+        summary = BuildSummary(recipe=recipe.name)
+        summary.clips_total = len(clips)
+        summary.kept = sum(clips["keep"])
+        rows = make_mixtures(recipe, dataset_dir, progress=progress)
+        summary.mixtures_per_split = Counter(r["split"] for r in rows)
+        write_card(dataset_dir, recipe, "complete", summary)
     return summary

@@ -8,7 +8,8 @@ of the file's relative path does (``folder.val_fraction``, ``folder.test_fractio
 
 Skipped with a logged reason, never fatal: files directly under the root, files of labels
 not in the recipe's ``labels`` (when given), other file types, symlinks leading outside the
-root, unreadable or empty audio.
+root, FIFOs and devices (not regular files), subfolders that cannot be listed, dangling symlinks,
+unreadable or empty audio.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from stat import S_ISREG
 
 from marsctl.audio import is_audio_path, load_audio, save_audio
 from marsctl.data.media import extract_frames, probe_streams
@@ -75,7 +77,11 @@ def plan_units(recipe: DataRecipe, dataset_dir: Path, options) -> tuple[list[Wor
     allowed = set(recipe.labels)
     units: list[WorkUnit] = []
     skipped: list[SkippedRow] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    def unlistable(exc: OSError) -> None:  # a subfolder that cannot be listed: one logged row, the walk goes on
+        where = Path(exc.filename).relative_to(root).as_posix() if exc.filename else str(root)
+        skipped.append(SkippedRow(where, f"cannot list the folder ({exc.strerror or exc})", "unreadable"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith("."):
@@ -90,6 +96,14 @@ def plan_units(recipe: DataRecipe, dataset_dir: Path, options) -> tuple[list[Wor
                 skipped.append(SkippedRow(where, f"unsupported file type '{path.suffix or name}'", "unsupported_file"))
                 continue
             try:
+                stat = path.stat()
+            except OSError as exc:  # a dangling symlink, a symlink loop
+                skipped.append(SkippedRow(where, f"cannot read the file ({exc.strerror or exc})", "unreadable"))
+                continue
+            if not S_ISREG(stat.st_mode):  # a FIFO or a device would block or never end when read
+                skipped.append(SkippedRow(where, "not a regular file", "not_regular_file"))
+                continue
+            try:
                 inside(root, rel)  # a symlink pointing outside the root is refused
             except UnsafePathError as exc:
                 skipped.append(SkippedRow(where, f"path outside the root: {exc}", "outside_root"))
@@ -101,11 +115,6 @@ def plan_units(recipe: DataRecipe, dataset_dir: Path, options) -> tuple[list[Wor
             marked = [p for p in rel.parts[1:-1] if p in SPLIT_NAMES]
             split = marked[-1] if marked else hash_split(rel.as_posix(), source.val_fraction, source.test_fraction)
             clip_id = safe_id(rel.with_suffix("").as_posix().replace("/", "__").replace(" ", "_"))
-            try:
-                stat = path.stat()
-            except OSError as exc:
-                skipped.append(SkippedRow(where, f"cannot read the file ({exc.strerror or exc})", "unreadable"))
-                continue
             item = (str(path), label, split, clip_id)
             settings = (stat.st_size, stat.st_mtime_ns, source.max_duration_s, source.extract_frames, recipe.signal.sample_rate)
             units.append(WorkUnit(unit_id=f"folder-{clip_id}", items=[item], description=where, fingerprint=fingerprint(item, settings)))

@@ -41,9 +41,9 @@ from rich.console import Console
 
 from marsctl.errors import MarsctlError
 from marsctl.hub.artifacts import (
+    ARTIFACT_FILE,
     CARD_FILE,
     KIND_REPO_TYPES,
-    files_fingerprint,
     list_artifact_files,
     read_provenance,
     write_artifact_kind,
@@ -72,23 +72,72 @@ def _canonical(value: Any) -> Any:
     raise MarsctlError(f"cannot hash config value of type {type(value).__name__}: {value!r}")
 
 
-def input_fingerprint(value: str | os.PathLike[str] | bytes | None) -> str | None:
+@dataclasses.dataclass(frozen=True)
+class FileSelection:
+    """A stage input that is some of the files of a folder (a folder recipe's root: the files the build
+    reads), named relative to ``root``. Its fingerprint hashes those files only."""
+
+    root: Path
+    files: tuple[str, ...]
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.root)
+
+
+def _regular_files_fingerprint(root: Path, names: list[str]) -> str:
+    """:func:`files_fingerprint`'s digest over ``names``, reading regular files only.
+
+    Anything else (a symlink to a device such as ``/dev/urandom``, a FIFO, a folder, a file that
+    cannot be read) is not read: it enters the digest by name and reason, with one logged line.
+    A folder of regular files gets exactly :func:`files_fingerprint`'s value.
+    """
+    import stat
+
+    from marsctl.files import sha256_file
+    from marsctl.progress import stage_progress
+
+    root = Path(root)
+    names = sorted(n for n in names if n not in (CARD_FILE, ARTIFACT_FILE))
+    digest = hashlib.sha256()
+    with stage_progress(f"hashing {root.name or root}", len(names), show=len(names) >= 200) as advance:
+        for name in names:
+            path = root / name
+            reason = None
+            try:
+                info = path.stat()  # a symlink's target (a Hugging Face snapshot links to its blobs)
+                if stat.S_ISREG(info.st_mode):
+                    digest.update(f"{name}\0{info.st_size}\0{sha256_file(path)}\n".encode())
+                else:
+                    reason = "not a regular file"
+            except OSError as exc:
+                reason = f"cannot be read ({exc.strerror or exc})"
+            if reason is not None:
+                _log.print(f"{path}: left out of the input fingerprint: {reason}", highlight=False, soft_wrap=True, markup=False)
+                digest.update(f"{name}\0skipped\0{reason}\n".encode())
+            advance()
+    return "sha256:" + digest.hexdigest()
+
+
+def input_fingerprint(value: str | os.PathLike[str] | bytes | FileSelection | None) -> str | None:
     """Identity of one stage input.
 
     An artifact directory with a ``provenance.json`` is identified by its stage hash (so a
     local build and its pulled Hub copy are the same input); any other directory by the
-    sha256 of its files; a file by its sha256; ``bytes`` by their sha256.
+    sha256 of its regular files; a :class:`FileSelection` by the sha256 of its files; a file by
+    its sha256; ``bytes`` by their sha256.
     """
     if value is None:
         return None
     if isinstance(value, bytes):
         return "bytes:sha256:" + hashlib.sha256(value).hexdigest()
+    if isinstance(value, FileSelection):
+        return "files:" + _regular_files_fingerprint(value.root, list(value.files))
     path = Path(value).expanduser()
     if path.is_dir():
         provenance = read_provenance(path)
         if provenance and isinstance(provenance.get("stage_hash"), str):
             return "stage:" + provenance["stage_hash"]
-        return "files:" + files_fingerprint(path)
+        return "files:" + _regular_files_fingerprint(path, list_artifact_files(path))
     if path.is_file():
         from marsctl.files import sha256_file
 

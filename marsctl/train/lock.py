@@ -17,8 +17,11 @@ LOCK_FILE = "train.lock"
 
 
 class RunLock:
-    def __init__(self, run_dir: str | Path):
-        self.path = Path(run_dir) / LOCK_FILE
+    """The lock of one folder; ``data build`` takes it too (``name`` build.lock, ``what`` "data build")."""
+
+    def __init__(self, run_dir: str | Path, name: str = LOCK_FILE, what: str = "training run"):
+        self.path = Path(run_dir) / name
+        self.what = what
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -30,7 +33,7 @@ class RunLock:
             holder = os.read(fd, 32).decode("ascii", "replace").strip()
             os.close(fd)
             who = f" (pid {holder})" if holder.isdigit() else ""
-            raise MarsctlError(f"{self.path.parent}: another training run{who} is writing here; wait for it to end or use another --out") from None
+            raise MarsctlError(f"{self.path.parent}: another {self.what}{who} is writing here; wait for it to end or use another --out") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode("ascii"))
         self._fd = fd
