@@ -89,7 +89,9 @@ def training_stage(config: Any, identity, out: Path, run, *, stage: str, kind: s
     that change the result, and the input artifacts to fingerprint) and the world size (batch_size is
     per process)."""
     from marsctl.hub import run_stage
+    from marsctl.train.safety import check_run_folder
 
+    check_run_folder(out)  # before the stage wrapper touches out's provenance.json: a user's folder is refused
     settings, inputs = identity(config)
     outcome = run_stage(stage, {**settings, "world_size": world_size}, inputs, out, run, kind=kind, reuse=reuse, push_to=push_to)
     if outcome.reused:

@@ -43,6 +43,7 @@ from marsctl.rl.rollout import RewardModel, validation_reward
 from marsctl.rl.update import rl_update
 from marsctl.train.distributed import DistributedContext
 from marsctl.train.loop import Scores, require_dataset, run_training, step_seed
+from marsctl.train.safety import check_finite_step
 from marsctl.train.validation import mode_estimates, validation_si_sdri
 
 __all__ = ["RLConfig", "RLResult", "load_rl_config", "train_rl"]
@@ -93,6 +94,10 @@ class RLTask:
             diagnostics=log,  # the score-function's after-update forward pass, for logged steps only
         )
         samples, advantages, epoch_stats = update.samples, update.advantages, update.epoch_stats
+        # a NaN/Inf loss gives a non-finite gradient norm (the same on every rank: DDP averaged the
+        # gradients); the run stops here, before anything of this step is checkpointed or saved
+        norms = torch.stack([torch.as_tensor(e["grad_norm"], dtype=torch.float32) for e in epoch_stats]).tolist()
+        check_finite_step(step, {f"gradient norm (PPO epoch {k + 1})": value for k, value in enumerate(norms)})
         self.anchor_source = samples.anchor_source or self.anchor_source
         if not log:
             return {}

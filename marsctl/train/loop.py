@@ -4,7 +4,11 @@ A trainer describes itself as a :class:`TrainingTask` (its model, its step funct
 validation and how it saves its artifact); :func:`run_training` does the rest, the same way
 for both:
 
-* a lock on the run directory (a second run into the same ``--out`` is refused);
+* a lock on the run directory (a second run into the same ``--out`` is refused), and a user's
+  non-empty folder refused as ``--out`` (:mod:`marsctl.train.safety`);
+* a stop at the first non-finite loss (the task raises :class:`~marsctl.train.safety.NonFiniteLoss`
+  before its optimizer step), with one line naming the step and the last good checkpoint; weights
+  that are not finite are never checkpointed or saved;
 * AdamW with linear warmup and cosine decay (``TrainingLoopConfig.lr_lambda``);
 * exact resume from the latest checkpoint (model, optimizer, scheduler, RNG state, history,
   the task's own state), refused when a setting in ``task.resume_keys`` changed;
@@ -20,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -38,6 +41,7 @@ from marsctl.train import checkpoint as ckpt
 from marsctl.train.data import EpochIndexedDataset, StepBatchSampler, collate, fixed_mixtures, mixing_dataset
 from marsctl.train.distributed import DistributedContext
 from marsctl.train.lock import RunLock
+from marsctl.train.safety import NonFiniteLoss, check_finite_weights, check_run_folder, clear_checkpoints, stop_message
 from marsctl.train.loop_config import TrainingLoopConfig
 
 #: seeds of one step: stream s of rank r at step t is seed * 1_000_003 + t * 9_973 + r * RANK_STRIDE + s
@@ -125,6 +129,8 @@ def run_training(
 ) -> LoopResult:
     """Train ``task.model`` into ``run_dir`` (see the module docstring); closes ``ctx`` at the end."""
     run_dir = Path(run_dir)
+    if ctx.is_main:
+        check_run_folder(run_dir)  # a user's folder is refused before anything is written into it
     lock = RunLock(run_dir) if ctx.is_main else None
     try:
         if lock is not None:
@@ -146,8 +152,8 @@ def _train(task, config, run_dir: Path, ctx: DistributedContext, resume, progres
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_lambda())
     start_step, scores, history = 0, Scores(), []
 
-    if not resume and ctx.is_main and (run_dir / "checkpoints").is_dir():
-        shutil.rmtree(run_dir / "checkpoints")  # starting over: old steps must not be resumed later
+    if not resume and ctx.is_main:
+        clear_checkpoints(run_dir)  # starting over: old steps must not be resumed later (other files stay)
     ctx.barrier()
     latest = ckpt.latest_checkpoint(run_dir) if resume else None
     if latest is not None:
@@ -208,10 +214,12 @@ def _train(task, config, run_dir: Path, ctx: DistributedContext, resume, progres
         if scores.last is not None and (scores.best is None or scores.last > scores.best):
             scores.best = scores.last
             if task.artifact == "best":
+                check_finite_weights(model, f"{run_dir} (step {step})")
                 task.save_artifact(run_dir, step, scores)
         return metrics
 
     def save_checkpoint(step: int) -> None:
+        check_finite_weights(model, f"{ckpt.checkpoint_dir(run_dir, step)}")
         state = {
             "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
             "best_si_sdri": scores.best, "history": history, "config": to_mapping(config), **task.state_dict(),
@@ -228,7 +236,10 @@ def _train(task, config, run_dir: Path, ctx: DistributedContext, resume, progres
         for step, batch in enumerate(loader, start=start_step + 1):
             started = time.perf_counter()
             logged = step % config.log_every == 0 or step == config.max_steps
-            metrics = task.train_step(step, batch, train_model, optimizer, logged)
+            try:
+                metrics = task.train_step(step, batch, train_model, optimizer, logged)
+            except NonFiniteLoss as exc:  # raised before the optimizer applied the step: nothing is saved
+                raise MarsctlError(stop_message(run_dir, exc, ckpt.latest_checkpoint(run_dir))) from None
             scheduler.step()
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize(ctx.device)

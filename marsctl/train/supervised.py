@@ -37,6 +37,7 @@ from marsctl.queries import QueryBuilder
 from marsctl.train.distributed import DistributedContext
 from marsctl.train.loop import Scores, require_dataset, run_training, step_seed
 from marsctl.train.loop_config import TrainingLoopConfig, resolve_recipe_paths
+from marsctl.train.safety import check_finite_step
 from marsctl.train.validation import validation_si_sdri
 
 
@@ -168,8 +169,12 @@ class SupervisedTask:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)  # clip(grad L, max_norm)
+        # a NaN/Inf loss stops the run before AdamW writes it into the weights (one host sync per step,
+        # as torch.amp.GradScaler's inf check)
+        loss_value, grad_value = torch.stack([loss.detach().float(), grad_norm.detach().float()]).tolist()
+        check_finite_step(step, {"loss": loss_value, "gradient norm": grad_value}, ctx.all_reduce_mean if ctx.enabled else None)
         optimizer.step()  # theta <- AdamW(theta, ...)
-        return {"loss": ctx.all_reduce_mean(float(loss.detach())), "grad_norm": float(grad_norm)} if log else {}
+        return {"loss": ctx.all_reduce_mean(loss_value), "grad_norm": grad_value} if log else {}
 
     def validate(self, val_set: list) -> dict[str, float]:
         metrics = validation_si_sdri(self.model, val_set, self.queries, self.ctx.device)
