@@ -13,10 +13,15 @@ problem is read.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import subprocess
+import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -178,3 +183,98 @@ def _ffmpeg_blocks(path: Path, block_frames: int) -> Iterator[np.ndarray]:
                 process.kill()
             process.stdout.close()
             process.wait()
+
+
+# --- live inputs (``marsctl separate --stream``) ------------------------------------------------
+
+#: seconds of audio read at a time from a live input (the delay reading adds, at most)
+LIVE_BLOCK_SECONDS = 0.05
+#: seconds a followed file may stay the same size before it is taken as finished
+FOLLOW_IDLE_SECONDS = 5.0
+#: how often a followed file is checked for new bytes
+_FOLLOW_POLL_SECONDS = 0.05
+
+
+def open_live_stream(source: str | Path, sample_rate: int, *, follow: bool = False, realtime: bool = False,
+                     idle_seconds: float = FOLLOW_IDLE_SECONDS, block_seconds: float = LIVE_BLOCK_SECONDS) -> AudioStream:
+    """Open a live input, mono float32 blocks at ``sample_rate`` as they arrive:
+
+    * ``"-"``: standard input, a WAV (or Ogg) stream as ``ffmpeg -i IN -f wav -`` or ``sox ... -t wav -`` write it;
+    * ``follow``: a file that is still being written (a recorder's WAV whose header does not
+      have its length yet), read as it grows until it has not grown for ``idle_seconds``;
+    * ``realtime``: a finished file, delivered at the pace it plays (for demos and tests);
+    * otherwise a file read as fast as it decodes (:func:`open_audio_stream`).
+
+    Standard input and followed files are read through libsndfile's pipe reader, which needs no
+    seeking and no length in the header; blocks of ``block_seconds`` are handed on as soon as they
+    are read, and resampled with :class:`StreamingResampler`.
+    """
+    if str(source) == "-":
+        if follow or realtime:
+            raise AudioError("stdin", "--follow and --realtime are for files; standard input is read as it arrives")
+        try:
+            stdin = sys.stdin.fileno()  # libsndfile's own pipe reader
+        except (AttributeError, OSError, ValueError):  # not a real descriptor (an embedding program's stdin)
+            stdin = sys.stdin.buffer
+        return _pipe_stream(Path("stdin"), stdin, sample_rate, block_seconds, closefd=False)
+    path = Path(source)
+    if follow:
+        if not path.exists():
+            raise AudioError(path, "no such file (--follow reads a file that exists and grows)")
+        read_end, write_end = os.pipe()
+        threading.Thread(target=_copy_growing, args=(path, write_end, idle_seconds), daemon=True).start()
+        return _pipe_stream(path, read_end, sample_rate, block_seconds, closefd=True)
+    stream = open_audio_stream(path, sample_rate, block_seconds=block_seconds if realtime else None)
+    if realtime:
+        stream.blocks = _paced(stream.blocks, sample_rate)
+    return stream
+
+
+def _pipe_stream(name: Path, fd, sample_rate: int, block_seconds: float, closefd: bool) -> AudioStream:
+    try:
+        handle = sf.SoundFile(fd, closefd=closefd)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        if closefd and isinstance(fd, int):
+            os.close(fd)
+        raise AudioError(name, f"not a readable audio stream ({_first_line(exc)}); send WAV, e.g. ffmpeg -i IN -f wav -") from exc
+    native = int(handle.samplerate)
+    return AudioStream(name, native, sample_rate, math.inf, _checked_and_resampled(name, _handle_blocks(name, handle, max(1, int(block_seconds * native))), native, sample_rate))
+
+
+def _handle_blocks(name: Path, handle: sf.SoundFile, block_frames: int) -> Iterator[np.ndarray]:
+    with handle:
+        while True:
+            try:
+                data = handle.read(block_frames, dtype="float32", always_2d=True)
+            except (sf.LibsndfileError, RuntimeError) as exc:
+                raise AudioError(name, f"the stream broke off ({_first_line(exc)})") from exc
+            if data.shape[0] == 0:
+                return
+            yield data.mean(axis=1)
+
+
+def _copy_growing(path: Path, write_end: int, idle_seconds: float) -> None:
+    """Copy ``path``'s bytes into a pipe as they are written; close it once the file has not grown for ``idle_seconds``."""
+    with os.fdopen(write_end, "wb", buffering=0) as sink, contextlib.suppress(OSError):  # OSError: the reader stopped, or the file went away
+        with open(path, "rb") as source:
+            quiet_since = time.monotonic()
+            while True:
+                data = source.read(1 << 16)
+                if data:
+                    sink.write(data)
+                    quiet_since = time.monotonic()
+                elif time.monotonic() - quiet_since >= idle_seconds:
+                    return
+                else:
+                    time.sleep(_FOLLOW_POLL_SECONDS)
+
+
+def _paced(blocks: Iterator[torch.Tensor], sample_rate: int) -> Iterator[torch.Tensor]:
+    """Hand each block on when it would have finished playing, counted from the first."""
+    start, delivered = time.monotonic(), 0
+    for block in blocks:
+        delivered += block.shape[-1]
+        wait = start + delivered / sample_rate - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        yield block
