@@ -161,13 +161,16 @@ class FileProgress:
             self._rich.stop()
 
     def within(self, name: str, done_seconds: float, total_seconds: float) -> None:
-        total = max(int(total_seconds + 0.999), 1)
+        total = max(math.ceil(total_seconds), 1)
+        # the end of the file (done = total) counts its last, partial second: the line ends at 100 %
+        done = total if done_seconds >= total_seconds else int(done_seconds)
         if self._rich is not None:
-            self._rich.update(self._seconds, completed=int(done_seconds), total=total, name=name, visible=True)
+            self._rich.update(self._seconds, completed=done, total=total, name=name, visible=True)
         elif self.show:
             if self._within_plain is None or self._within_plain.description != f"{name} (seconds)":
                 self._within_plain = _PlainLines(self.console, f"{name} (seconds)", total)
-            self._within_plain.advance(int(done_seconds) - self._within_plain.done)
+            if done > self._within_plain.done:
+                self._within_plain.advance(done - self._within_plain.done)
 
     def file_done(self, name: str) -> None:
         self.files_done += 1

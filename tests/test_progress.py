@@ -49,3 +49,16 @@ def test_file_progress_logs_files_and_progress_within_a_long_file():
     assert [line for line in lines if line.startswith("files:")] == ["files: 1/2", "files: 2/2"]
     within = [line for line in lines if line.startswith("long.mp3 (seconds)")]
     assert 9 <= len(within) <= 11 and within[-1].startswith("long.mp3 (seconds): 3600/3600 (100%)")
+
+
+def test_the_seconds_line_of_a_file_ends_at_100_percent_once():
+    """A 4.5 s file: its last block ends at 4.5 s, which is the whole file (was '4/5 (80%)')."""
+    console, buffer = _log_console()
+    with FileProgress(1, console) as progress:
+        for done in (1.0, 2.0, 3.0, 4.0, 4.5):
+            progress.within("short.wav", done, 4.5)
+        progress.within("short.wav", 4.5, 4.5)  # read to the end: called again with the known length
+        progress.file_done("short.wav")
+    within = [line for line in buffer.getvalue().splitlines() if line.startswith("short.wav (seconds)")]
+    assert within[-1].startswith("short.wav (seconds): 5/5 (100%)")
+    assert sum("(100%)" in line for line in within) == 1
