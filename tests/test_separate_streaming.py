@@ -127,7 +127,7 @@ def test_streamed_outputs_equal_the_whole_file_result(separator, tmp_path, monke
     query = Query(texts=("violin",))
     seen: list[tuple[float, float]] = []
     report = separator.separate_files([(InputFile(path, path.with_suffix("").relative_to(tmp_path)), query)], tmp_path / "out",
-                                      residual=True, on_progress=lambda p, done, total: seen.append((done, total)))
+                                      residual=True, sample_rate=16_000, on_progress=lambda p, done, total: seen.append((done, total)))
     assert not report.failures and len(report.written) == 2
     mixture = torch.from_numpy(load_audio(path, 16_000))
     whole = separate_waveform(separator.loaded.model, mixture, separator.embed(query)[None], SeparateOptions())[0]

@@ -25,7 +25,7 @@ Writes report.json, scores.csv (one row per source), summary.csv and summary.md 
 
 Example: marsctl eval -e sep/ -r refs/ -o report/
 
-A separator: --model M --data D separates the fixed test mixtures of D, each source with its own query (--query-modality text, audio, image or omni), and scores it beside the unprocessed mixture and the ideal-ratio-mask oracle. It writes the same files plus model_summary.md and model_summary.json, per system, query modality and class; never one mean across systems.
+A separator: --model M --data D separates the fixed test mixtures of D, each source with its own query (--query-modality text, audio, image, omni or span), and scores it beside the unprocessed mixture and the ideal-ratio-mask oracle. It writes the same files plus model_summary.md and model_summary.json, per system, query modality and class; never one mean across systems.
 
 Text-audio scores (100 x cosine of the label's text and the estimate's audio embedding): "Reward enc." (reward_encoder_score) uses the encoder RL optimises: the reward encoder the model's RL run recorded when it is a local folder (or 'default'), else the model's own query encoder; so it is not independent. --judge SPEC adds "Judge" (judge_score) from another encoder (an aligned encoder folder, builtin, laion-clap:630k-audioset or a Hub id). A judge with the same weights as the model's encoder or its RL run's reward encoder is refused.
 
@@ -44,7 +44,7 @@ def eval_command(
     json_output: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout instead of tables."),
     model: Optional[str] = typer.Option(None, "--model", "-m", metavar="RUN", help="Evaluate a separator (run directory or Hub id; 'default' = the shipped one) on --data instead of folders."),
     data: Optional[str] = typer.Option(None, "--data", "-d", metavar="DATASET", help="Dataset directory (or Hub id) whose fixed test mixtures --model separates, each source with its own query."),
-    query_modality: Optional[List[str]] = typer.Option(None, "--query-modality", metavar="MODALITY", help="text (default), audio (another clip of the class), image (the source's video frame) or omni; repeat for several."),
+    query_modality: Optional[List[str]] = typer.Option(None, "--query-modality", metavar="MODALITY", help="text (default), audio (another clip of the class), image (the source's video frame), omni, or span (1 s of the mixture where the source is most active); repeat for several."),
     split: str = typer.Option("test", "--split", metavar="SPLIT", help="With --data: which split's fixed mixtures."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, metavar="N", help="With --data: only the first N mixtures."),
     judge: Optional[str] = typer.Option(None, "--judge", metavar="SPEC", help="With --data: an independent encoder for the judge score (not the model's own), e.g. laion-clap:630k-audioset or an aligned encoder folder."),

@@ -43,6 +43,14 @@ from marsctl.models.encoder_base import QueryEncoder
 from marsctl.models.judge import JUDGE_SCORE, REWARD_ENCODER_SCORE, TextAudioScorer, encoder_fingerprint
 from marsctl.models.separator import LoadedSeparator
 from marsctl.separate import SeparateOptions, separate_waveform
+from marsctl.separate.queries import Query, embed_query
+
+#: query modalities of ``eval --model``: the training ones, and ``span`` (a segment of the mixture itself)
+EVAL_MODALITIES = (*QUERY_MODALITIES, "span")
+#: length of the span query ``eval --query-modality span`` takes from each test mixture
+SPAN_SECONDS = 1.0
+#: hop between the candidate spans
+SPAN_HOP_SECONDS = 0.05
 
 #: the text-audio score columns, judge first
 SCORE_COLUMNS = (JUDGE_SCORE, REWARD_ENCODER_SCORE)
@@ -86,6 +94,34 @@ def oracle_irm(mixture: torch.Tensor, sources: torch.Tensor, spectrogram: Spectr
     S = spectrogram.stft(sources).abs()
     mask = S / S.sum(0, keepdim=True).clamp_min(1e-12)
     return spectrogram.istft(mask * X, mixture.shape[-1])
+
+
+def target_span(sources: np.ndarray, index: int, sample_rate: int, seconds: float = SPAN_SECONDS,
+                hop: float = SPAN_HOP_SECONDS) -> tuple[float, float]:
+    """The span ``(start, end)`` in seconds, ``seconds`` long, where source ``index`` of ``sources``
+    ``[S, T]`` (as in the mix) is most active: of the windows holding at least 90 % of the target's
+    largest window energy, the one where it is loudest against the other sources. The whole mixture
+    when it is shorter."""
+    length = sources.shape[1]
+    width, step = max(1, round(seconds * sample_rate)), max(1, round(hop * sample_rate))
+    if length <= width:
+        return 0.0, length / sample_rate
+    target = np.cumsum(np.concatenate([[0.0], sources[index].astype(np.float64) ** 2]))
+    rest = np.cumsum(np.concatenate([[0.0], (np.delete(sources, index, axis=0).astype(np.float64) ** 2).sum(0)]))
+    starts = np.arange(0, length - width + 1, step)
+    own, other = target[starts + width] - target[starts], rest[starts + width] - rest[starts]
+    active = own >= 0.9 * own.max()
+    ratio = np.where(active, own / (other + 1e-12 * width), -np.inf)
+    start = int(starts[int(np.argmax(ratio))])
+    return start / sample_rate, (start + width) / sample_rate
+
+
+def span_queries(encoder: QueryEncoder, mix: "TestMixture", sample_rate: int) -> tuple[list[torch.Tensor], list[tuple[float, float]]]:
+    """Each source's span query: the mixture's audio where that source is most active (:func:`target_span`),
+    embedded by the encoder's audio tower as ``marsctl separate --span`` does."""
+    mixture = torch.from_numpy(mix.mixture)
+    spans = [target_span(mix.sources, n, sample_rate) for n in range(len(mix.labels))]
+    return [embed_query(encoder, Query(spans=(span,)), sample_rate, mixture=mixture) for span in spans], spans
 
 
 #: the former name of :class:`~marsctl.models.judge.TextAudioScorer`
@@ -140,9 +176,9 @@ def evaluate_separator(
     split for audio, no frames for image) is an error, or, with ``skip_missing_queries``, left
     out of that modality's rows (the summaries' n shows how many sources were scored).
     """
-    bad = [m for m in query_modalities if m not in QUERY_MODALITIES]
+    bad = [m for m in query_modalities if m not in EVAL_MODALITIES]
     if bad:
-        raise MarsctlError(f"unknown query modality {bad[0]!r}; expected one of {', '.join(QUERY_MODALITIES)}")
+        raise MarsctlError(f"unknown query modality {bad[0]!r}; expected one of {', '.join(EVAL_MODALITIES)}")
     root = Path(dataset_dir)
     signal = model.model.config.signal
     mixtures = load_test_mixtures(root, split, limit)
@@ -162,7 +198,10 @@ def evaluate_separator(
             systems.append(("mixture", "-", mixture.unsqueeze(0).expand(len(mix.labels), -1)))
             systems.append(("oracle-irm", "-", oracle_irm(mixture.double(), torch.from_numpy(mix.sources).double(), spectrogram).float()))
         for modality in query_modalities:
-            vectors = [queries.source(modality, label, clip_id, frames) for label, clip_id, frames in zip(mix.labels, mix.clip_ids, mix.frame_paths)]
+            if modality == "span":
+                vectors = span_queries(encoder, mix, signal.sample_rate)[0]
+            else:
+                vectors = [queries.source(modality, label, clip_id, frames) for label, clip_id, frames in zip(mix.labels, mix.clip_ids, mix.frame_paths)]
             if any(v is None for v in vectors):
                 if skip_missing_queries:
                     continue
@@ -311,6 +350,9 @@ def evaluate_model_on_dataset(
         "reward_encoder_score": f"100 x cos(label text, estimate audio) by {reward_spec} ({reward_role})",
         "judge": judge,
     }
+    if "span" in query_modalities:
+        meta["span_query"] = (f"the mixture's {SPAN_SECONDS:g} s where the source is most active against the others "
+                              "(marsctl.eval.model.target_span), embedded by the audio tower")
     judge_encoder = None
     if judge:
         judge_encoder = load_encoder(judge, device=device)

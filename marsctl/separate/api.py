@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +29,10 @@ from marsctl.models.separator import LoadedSeparator, load_separator
 from marsctl.separate.apply import SeparateOptions, separate_waveform
 from marsctl.separate.inputs import InputFile
 from marsctl.separate.outputs import ProgressCallback, SeparationReport, check_output_folder, separate_jobs
-from marsctl.separate.queries import DEFAULT_NEGATIVE_STRENGTH, Query, VocabularyNote, embed_query, out_of_vocabulary
+from marsctl.separate.queries import DEFAULT_NEGATIVE_STRENGTH, Query, VocabularyNote, embed_query, out_of_vocabulary, parse_span
+
+if TYPE_CHECKING:
+    from marsctl.separate.stream import SeparationStream
 
 #: directory of the model shipped inside the package (``default``; marsctl.pretrained.DEFAULT_SEPARATOR_DIR)
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "pretrained" / "separator"
@@ -111,6 +114,15 @@ def _strings(value: str | os.PathLike | Sequence[str | os.PathLike] | None) -> t
     return tuple(os.fspath(v) for v in value)
 
 
+def _spans(value) -> tuple[tuple[float, float], ...]:
+    """``"6.3:7.0"``, ``(6.3, 7.0)`` or a list of them -> ``((6.3, 7.0), ...)``."""
+    if value is None:
+        return ()
+    if isinstance(value, str) or (len(value) == 2 and all(isinstance(v, (int, float)) for v in value)):
+        value = [value]
+    return tuple(parse_span(v if isinstance(v, str) else f"{v[0]}:{v[1]}") for v in value)
+
+
 class Separator:
     """A trained query-conditioned separator with its query encoder, ready to separate.
 
@@ -166,9 +178,10 @@ class Separator:
             self.encoder.release_text_model()
             return_large_buffers_to_the_system()
 
-    def embed(self, query: Query) -> torch.Tensor:
-        """The fused query vector ``[D]`` the separator is conditioned on."""
-        return embed_query(self.encoder, query, self.sample_rate)
+    def embed(self, query: Query, mixture: str | os.PathLike | torch.Tensor | None = None) -> torch.Tensor:
+        """The fused query vector ``[D]`` the separator is conditioned on; ``mixture`` (a file, or a mono
+        waveform at :attr:`sample_rate`) is where a span query is taken from."""
+        return embed_query(self.encoder, query, self.sample_rate, mixture=mixture)
 
     def separate(
         self,
@@ -180,26 +193,69 @@ class Separator:
         query_image: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
         negative: str | Sequence[str] | None = None,
         negative_strength: float = DEFAULT_NEGATIVE_STRENGTH,
+        span: tuple[float, float] | str | Sequence[tuple[float, float] | str] | None = None,
     ) -> torch.Tensor:
         """Extract what the query describes from ``mixture``.
 
         ``mixture``: an audio/video file path (any format :func:`marsctl.audio.load_audio` reads,
         streamed), or a waveform ``[T]`` or ``[C, T]`` (channels are averaged) at ``sample_rate``
         (required for waveforms). The query is any mix of texts (several compose), example
-        recordings and images (paths), fused with equal weights, minus an optional negative text.
+        recordings and images (paths) and spans of the mixture itself (``(6.3, 7.0)`` or ``"6.3:7.0"``,
+        seconds; embedded like a recording), fused with equal weights, minus an optional negative text.
 
         Returns the estimate as a mono float32 CPU tensor ``[T']`` at :attr:`sample_rate`
         (16 kHz for the shipped models), whatever the input rate: ``T' = ceil(T * sample_rate / rate)``.
         """
         the_query = Query(texts=_strings(query), audio=_strings(query_audio), images=_strings(query_image),
-                          negative=_strings(negative), negative_strength=negative_strength)
+                          negative=_strings(negative), negative_strength=negative_strength, spans=_spans(span))
         return self.separate_queries(mixture, [the_query], sample_rate)[0]
 
     def separate_queries(self, mixture: str | os.PathLike | torch.Tensor | np.ndarray, queries: Sequence[Query],
                          sample_rate: int | None = None) -> torch.Tensor:
         """Several :class:`Query` objects on one mixture in one U-Net pass: ``[K, T']`` at :attr:`sample_rate`."""
+        blocks = self._mixture_blocks(mixture, sample_rate)
+        source = mixture if isinstance(mixture, (str, os.PathLike)) else blocks[0]  # spans: the file, or the resampled waveform
+        vectors = torch.stack([self.embed(q, source if q.spans else None) for q in queries])
+        return separate_waveform(self.loaded.model, blocks, vectors, self.options, encoder=self.encoder)
+
+    def stream(
+        self,
+        *,
+        query: str | Sequence[str] | None = None,
+        query_audio: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+        query_image: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+        negative: str | Sequence[str] | None = None,
+        negative_strength: float = DEFAULT_NEGATIVE_STRENGTH,
+        queries: Sequence[Query] | None = None,
+        sample_rate: int | None = None,
+        latency: float = 0.5,
+        hop: float = 0.25,
+        window: float | None = None,
+        refine_hops: int | None = None,
+    ) -> "SeparationStream":
+        """A live separation (:mod:`marsctl.separate.stream`): ``push(block) -> (current, refined)``.
+
+        ``current`` holds each hop's estimate ``latency`` seconds after the hop began to arrive;
+        ``refined`` the same hop ``refine_hops`` hops later, re-estimated with that much more
+        future (by default once it is final: the offline result). Blocks are at ``sample_rate``
+        (default: the separator's), of any size; the estimates at :attr:`sample_rate`. With
+        ``queries`` (several :class:`Query`) each output is ``[K, m]``.
+        """
+        from marsctl.separate.stream import SeparationStream, check_stream_decode, stream_settings
+
+        check_stream_decode(self.options.decode)
+        single = queries is None
+        if single:
+            queries = [Query(texts=_strings(query), audio=_strings(query_audio), images=_strings(query_image),
+                             negative=_strings(negative), negative_strength=negative_strength)]
+        if any(q.spans for q in queries):
+            raise ConfigError("a stream cannot take a span query (the span would have to be heard first); use a text, audio or image query")
+        signal = self.loaded.model.config.signal
+        settings = stream_settings(signal.sample_rate, self.options.chunk_samples or signal.segment_samples,
+                                   latency=latency, hop=hop, window=window, refine_hops=refine_hops)
         vectors = torch.stack([self.embed(q) for q in queries])
-        return separate_waveform(self.loaded.model, self._mixture_blocks(mixture, sample_rate), vectors, self.options, encoder=self.encoder)
+        return SeparationStream(self.loaded.model, vectors, settings, decode=self.options.decode,
+                                input_rate=sample_rate, squeeze=single)
 
     def _mixture_blocks(self, mixture, sample_rate: int | None) -> Iterable[torch.Tensor]:
         if isinstance(mixture, (str, os.PathLike)):
@@ -223,9 +279,15 @@ class Separator:
         overwrite: bool = False,
         on_file: Callable[[Path], None] | None = None,
         on_progress: ProgressCallback | None = None,
+        sample_rate: int | None = None,
+        format: str = "wav",
+        subtype: str | None = None,
     ) -> SeparationReport:
         """Separate (file, query) jobs into ``out_dir`` (see :mod:`marsctl.separate.outputs`): streamed,
-        confined to ``out_dir``, existing outputs kept unless ``overwrite``. Failures are in the report."""
-        options = dataclasses.replace(self.options, out_dir=Path(out_dir), residual=residual, overwrite=overwrite)
+        confined to ``out_dir``, existing outputs kept unless ``overwrite``. Failures are in the report.
+        Outputs are mono ``format`` files (``wav``/``flac``, ``subtype`` as soundfile names it) at
+        ``sample_rate`` (default: each input's own rate)."""
+        options = dataclasses.replace(self.options, out_dir=Path(out_dir), residual=residual, overwrite=overwrite,
+                                      sample_rate=sample_rate, format=format, subtype=subtype)
         check_output_folder(options.out_dir)
         return separate_jobs(self.loaded, self.encoder, jobs, options, on_file=on_file, on_progress=on_progress)

@@ -36,9 +36,37 @@ class SeparateOptions:
     overlap: float = 0.25
     batch_size: int = 8
     seed: int = 0
+    #: rate of the files written (None: each input's own rate; the estimate is resampled back to it)
+    sample_rate: int | None = None
+    #: container of the files written, ``wav`` or ``flac`` (:data:`OUTPUT_FORMATS`)
+    format: str = "wav"
+    #: sample format (soundfile subtype); None: the format's default (FLOAT for wav, PCM_24 for flac)
+    subtype: str | None = None
 
     def __post_init__(self) -> None:
         check_decode(self.decode)
+        check_output_format(self.format, self.subtype, self.sample_rate)
+
+    @property
+    def output_subtype(self) -> str:
+        return self.subtype.upper() if self.subtype else OUTPUT_FORMATS[self.format][0]
+
+
+#: output container -> the subtypes it is written in (the first is the default)
+OUTPUT_FORMATS = {
+    "wav": ("FLOAT", "PCM_16", "PCM_24", "PCM_32", "DOUBLE"),
+    "flac": ("PCM_24", "PCM_16"),
+}
+
+
+def check_output_format(format: str, subtype: str | None, sample_rate: int | None) -> None:
+    """One line for an output format, subtype or rate the writer cannot produce."""
+    if format not in OUTPUT_FORMATS:
+        raise ConfigError(f"--format {format}: unknown output format; use one of {', '.join(OUTPUT_FORMATS)}")
+    if subtype is not None and subtype.upper() not in OUTPUT_FORMATS[format]:
+        raise ConfigError(f"--subtype {subtype}: not available for --format {format}; use one of {', '.join(OUTPUT_FORMATS[format])}")
+    if sample_rate is not None and not (1_000 <= sample_rate <= 384_000):
+        raise ConfigError(f"--sample-rate {sample_rate}: expected a rate in Hz between 1000 and 384000 (e.g. 44100)")
 
 
 class _PrivateRNG:

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Sequence
 
 from marsctl.audio import is_audio_path
 from marsctl.errors import ConfigError
-from marsctl.separate.queries import Query
+from marsctl.separate.queries import Query, parse_span
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,12 +60,12 @@ def find_inputs(paths: Sequence[str | Path], exclude: Iterable[str | Path] = ())
     return search
 
 
-QUERY_COLUMNS = ("query", "query_audio", "query_image")
+QUERY_COLUMNS = ("query", "query_audio", "query_image", "span")
 
 
 def read_query_mapping(path: str | Path) -> list[tuple[InputFile, Query]]:
     """Per-file queries from CSV/TSV (columns ``path``, ``query`` and optionally ``query_audio``,
-    ``query_image``, ``negative``) or JSON (``{"file": "query", ...}`` or a list of objects with
+    ``query_image``, ``span`` (``START:END`` seconds of that file), ``negative``) or JSON (``{"file": "query", ...}`` or a list of objects with
     those keys; values are strings or lists of strings). Several texts in one cell are separated
     by ``|``. Relative paths (inputs and query files) are relative to the mapping file, and outputs
     mirror that layout (a row whose output would leave ``--out``, such as ``../x.wav``, fails when
@@ -136,9 +136,10 @@ def _mapping_row(path: Path, number: int, row: Any) -> tuple[InputFile, Query]:
             audio=tuple(local(p) for p in split("query_audio")),
             images=tuple(local(p) for p in split("query_image")),
             negative=split("negative"),
+            spans=tuple(parse_span(span) for span in split("span")),
         )
     except ConfigError as exc:
-        if not (split("query") or split("query_audio") or split("query_image")):
+        if not (split("query") or split("query_audio") or split("query_image") or split("span")):
             raise ConfigError(f"{where} has no query") from None
         raise ConfigError(f"{where}: {exc}") from None
     file = Path(row["path"])

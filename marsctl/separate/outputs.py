@@ -1,7 +1,9 @@
 """Separating batches of files into an output folder (the work of ``marsctl separate``).
 
 * Each input gets ``<out>/<path relative to the folder given, without suffix>/<name>.wav``
-  (and ``<name>.residual.wav`` = mixture - estimate with ``residual``), ``<name>`` being
+  (``.flac`` with ``format="flac"``; and ``<name>.residual.wav`` = mixture - estimate with
+  ``residual``), mono (channels averaged), at the input's rate unless ``sample_rate`` is given
+  (the separator runs at its own rate; its estimate is resampled back), ``<name>`` being
   :meth:`Query.output_stem`; two different queries of one run that would share a name both
   get the hash. No output ever leaves ``out``: an input whose output folder would (a mapping
   row ``../x.wav``) fails with one line. Existing outputs are kept unless ``overwrite``; a
@@ -24,10 +26,11 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import soundfile as sf
 import torch
 
-from marsctl.audio import is_audio_path, open_audio_stream
+from marsctl.audio import StreamingResampler, is_audio_path, open_audio_stream
 from marsctl.errors import AudioError, MarsctlError
 from marsctl.files import atomic_path
 from marsctl.models.encoder_base import QueryEncoder
@@ -76,7 +79,7 @@ def output_paths(options: SeparateOptions, item: InputFile, stem: str) -> tuple[
     if not folder.is_relative_to(root):
         raise MarsctlError(f"{item.path}: its outputs would be written outside --out {options.out_dir} ({options.out_dir / item.relative}); nothing written")
     folder = options.out_dir / folder.relative_to(root)
-    return folder / f"{stem}.wav", folder / f"{stem}.residual.wav"
+    return folder / f"{stem}.{options.format}", folder / f"{stem}.residual.{options.format}"
 
 
 @dataclasses.dataclass
@@ -84,6 +87,8 @@ class _Output:
     query: Query
     target: Path | None  # None: keep the existing estimate
     residual: Path | None
+    #: the query's key in the embeddings: the query, or (query, file) for a span of that file
+    key: object = None
 
 
 def separate_jobs(
@@ -101,7 +106,7 @@ def separate_jobs(
     for item, query in jobs:
         by_file.setdefault(item.path, []).append((item, query))
     names = output_names(q for file_jobs in by_file.values() for _, q in file_jobs)
-    embeddings: dict[Query, torch.Tensor] = {}
+    embeddings: dict[object, torch.Tensor] = {}
     failed_queries: set[Query] = set()
     claimed: dict[Path, Path] = {}
     for index, (path, file_jobs) in enumerate(by_file.items()):
@@ -118,14 +123,17 @@ def separate_jobs(
                     report.kept_existing.append(target)
                 if not (new_target or new_residual) or query in failed_queries:
                     continue
-                if query not in embeddings:
+                key = (query, path) if query.spans else query
+                if query.spans:  # taken from this file: a failure is this file's
+                    embeddings[key] = embed_query(encoder, query, sample_rate, mixture=path)
+                elif key not in embeddings:
                     try:
-                        embeddings[query] = embed_query(encoder, query, sample_rate)
+                        embeddings[key] = embed_query(encoder, query, sample_rate)
                     except MarsctlError as exc:  # reported once for the query, not for every file
                         failed_queries.add(query)
                         report.failures.append((Path(names[query]), f"query {names[query]}: {exc}"))
                         continue
-                todo.append(_Output(query, target if new_target else None, residual if new_residual else None))
+                todo.append(_Output(query, target if new_target else None, residual if new_residual else None, key))
             if todo:
                 if not is_audio_path(path) and path.exists() and not path.is_dir():
                     raise AudioError(path, f"not an audio file (suffix '{path.suffix}' is not a supported audio or video format)")
@@ -146,9 +154,16 @@ def _separate_file(
     model: LoadedSeparator, encoder: QueryEncoder, path: Path, todo: list[_Output], embeddings: dict[Query, torch.Tensor],
     options: SeparateOptions, seed: int, progress: Callable[[float, float], None] | None,
 ) -> list[Path]:
-    """Stream one file through the separator into its outputs; returns the paths written."""
-    sample_rate = model.model.config.signal.sample_rate
-    stream = open_audio_stream(path, sample_rate)
+    """Stream one file through the separator into its outputs; returns the paths written.
+
+    The file is read (channels averaged) at the output rate (``options.sample_rate``, or its own),
+    resampled to the model's rate for the separator, and the estimates resampled back, so that a
+    residual is the mixture at the output rate minus the estimate. At the model's rate both
+    resamplers are the identity."""
+    model_rate = model.model.config.signal.sample_rate
+    stream = open_audio_stream(path, options.sample_rate)  # None: the file's own rate
+    rate = stream.sample_rate
+    to_model, from_model = StreamingResampler(rate, model_rate), StreamingResampler(model_rate, rate)
     mixture_lag: collections.deque[torch.Tensor] = collections.deque()  # mixture blocks not yet matched by estimates
     done = 0
 
@@ -156,25 +171,58 @@ def _separate_file(
         nonlocal done
         for block in stream:
             mixture_lag.append(block)
-            yield block
+            yield to_model.push(block)
             done += block.shape[-1]
             if progress is not None:
-                progress(done / sample_rate, max(stream.duration, done / sample_rate))
+                progress(done / rate, max(stream.duration, done / rate))
+        yield to_model.finish()
+        if progress is not None:
+            progress(done / rate, done / rate)  # read to the end: the file's length is now known
 
-    queries = torch.stack([embeddings[o.query] for o in todo])
-    estimates = apply_with_options(model.model, blocks(), queries, options, seed, encoder)
+    def at_output_rate(estimates: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """Estimate blocks ``[K, m]`` resampled to the output rate, cut to the mixture's length."""
+        if from_model.identity:
+            yield from estimates
+            return
+        resamplers = [StreamingResampler(model_rate, rate) for _ in todo]
+        emitted = 0
+        for block in estimates:
+            if block.shape[-1]:
+                out = torch.stack([r.push(channel) for r, channel in zip(resamplers, block)])
+                emitted += out.shape[-1]
+                yield out
+        tail = torch.stack([r.finish() for r in resamplers])[:, : max(done - emitted, 0)]
+        yield tail
+        if emitted + tail.shape[-1] < done:  # a rounding short of the mixture: pad with silence
+            yield torch.zeros(len(todo), done - emitted - tail.shape[-1])
+
+    queries = torch.stack([embeddings[o.query if o.key is None else o.key] for o in todo])
+    estimates = at_output_rate(apply_with_options(model.model, (b for b in blocks() if b.numel()), queries, options, seed, encoder))
     finals = [p for o in todo for p in (o.target, o.residual) if p is not None]
+    subtype, container = options.output_subtype, options.format.upper()
+    pcm = subtype.startswith("PCM")
     with contextlib.ExitStack() as stack:
         temporary = {final: stack.enter_context(atomic_path(final)) for final in finals}
-        files = {final: stack.enter_context(sf.SoundFile(str(tmp), "w", sample_rate, 1, subtype="FLOAT", format="WAV")) for final, tmp in temporary.items()}
+        files = {final: stack.enter_context(sf.SoundFile(str(tmp), "w", rate, 1, subtype=subtype, format=container)) for final, tmp in temporary.items()}
         for block in estimates:
+            if not from_model.identity:  # never past the mixture read so far
+                block = block[:, : min(block.shape[-1], _lag_samples(mixture_lag))]
             mixture = _take(mixture_lag, block.shape[-1])
             for output, estimate in zip(todo, block):
                 if output.target is not None:
-                    files[output.target].write(estimate.numpy())
+                    files[output.target].write(_for_subtype(estimate, pcm))
                 if output.residual is not None:
-                    files[output.residual].write((mixture - estimate).numpy())
+                    files[output.residual].write(_for_subtype(mixture - estimate, pcm))
     return finals
+
+
+def _for_subtype(wave: torch.Tensor, pcm: bool) -> np.ndarray:
+    """The samples to write: as they are for float files; clipped to full scale for integer (PCM) ones."""
+    return wave.clamp(-1.0, 1.0).numpy() if pcm else wave.numpy()
+
+
+def _lag_samples(lag: collections.deque[torch.Tensor]) -> int:
+    return sum(block.shape[-1] for block in lag)
 
 
 def _take(lag: collections.deque[torch.Tensor], count: int) -> torch.Tensor:

@@ -1,5 +1,9 @@
-"""What to extract: queries (text, audio, image, negative), their output names, their
-embedding, and the per-file mapping files of ``marsctl separate --queries``.
+"""What to extract: queries (text, audio, image, a time span of the mixture itself, negative),
+their output names, their embedding, and the per-file mapping files of ``marsctl separate --queries``.
+
+A span query (``--span 6.3:7.0``) is the segment of the file being separated between those
+seconds, embedded by the encoder's audio tower like an example recording (the audio modality),
+so its vector depends on the file: it is embedded once per file.
 
 Output names: :meth:`Query.slug` is the readable part (``dog-barking``,
 ``piano+violin-not-drums``, ``audio-bark``; Unicode letters are kept). When the slug
@@ -14,12 +18,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 
 import torch
 
-from marsctl.audio import load_audio
+from marsctl.audio import load_audio, open_audio_stream
 from marsctl.errors import ConfigError, MarsctlError
 from marsctl.models.encoder_base import QueryEncoder
 from marsctl.models.query import compose, fuse, negative_query
@@ -35,17 +40,22 @@ _EXACT_TEXT = re.compile(r"[^\W_]+(?: [^\W_]+)*")
 
 @dataclasses.dataclass(frozen=True)
 class Query:
-    """What to extract: texts (composed), audio clips, images; minus an optional negative text."""
+    """What to extract: texts (composed), audio clips, images, spans ``(start, end)`` in seconds of the
+    mixture itself; minus an optional negative text."""
 
     texts: tuple[str, ...] = ()
     audio: tuple[str, ...] = ()
     images: tuple[str, ...] = ()
     negative: tuple[str, ...] = ()
     negative_strength: float = DEFAULT_NEGATIVE_STRENGTH
+    spans: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
-        if not (self.texts or self.audio or self.images):
-            raise ConfigError("a query needs a text, an audio file or an image")
+        if not (self.texts or self.audio or self.images or self.spans):
+            raise ConfigError("a query needs a text, an audio file, an image or a span of the mixture")
+        for start, end in self.spans:
+            if not (0 <= start < end):
+                raise ConfigError(f"span {start:g}:{end:g}: expected START:END in seconds with 0 <= START < END, e.g. 6.3:7.0")
         for text in self.texts + self.negative:
             if not _WORD.search(text):
                 raise ConfigError(f"query text {text!r} has no letter or digit; give a description such as 'dog barking'")
@@ -63,7 +73,7 @@ class Query:
 
     def exact_hash(self) -> str:
         """Eight hex digits identifying the exact query (texts, files, negative, strength)."""
-        fields = [self.texts, self.audio, self.images, self.negative, self.negative_strength]
+        fields = [self.texts, self.audio, self.images, self.negative, self.negative_strength] + ([self.spans] if self.spans else [])
         return hashlib.sha1(json.dumps(fields, ensure_ascii=False).encode()).hexdigest()[:8]
 
     def is_lossy(self) -> bool:
@@ -79,17 +89,60 @@ class Query:
 
     def _joined(self) -> str:
         parts = list(self.texts) + [f"audio-{Path(p).stem}" for p in self.audio] + [f"image-{Path(p).stem}" for p in self.images]
+        parts += [f"span-{round(start * 1000)}-{round(end * 1000)}ms" for start, end in self.spans]
         return "+".join(parts) + ("-not-" + "+".join(self.negative) if self.negative else "")
 
 
+def parse_span(text: str) -> tuple[float, float]:
+    """``"6.3:7.0"`` -> ``(6.3, 7.0)`` seconds; one line for anything else."""
+    start, sep, end = str(text).strip().partition(":")
+    try:
+        span = (float(start), float(end)) if sep else None
+    except ValueError:
+        span = None
+    if span is None or not all(map(math.isfinite, span)):
+        raise ConfigError(f"span {text!r}: expected START:END in seconds, e.g. 6.3:7.0")
+    if not 0 <= span[0] < span[1]:
+        raise ConfigError(f"span {text!r}: expected 0 <= START < END, e.g. 6.3:7.0")
+    return span
+
+
+def read_span(mixture: str | Path | torch.Tensor, span: tuple[float, float], sample_rate: int) -> torch.Tensor:
+    """Samples ``[round(start * sr), round(end * sr))`` of ``mixture`` (a file, read block by block only
+    up to the span's end, or a mono waveform at ``sample_rate``) at ``sample_rate``. A span that starts
+    past the end is an error naming the file; one that runs past it is cut there."""
+    first, last = round(span[0] * sample_rate), round(span[1] * sample_rate)
+    if isinstance(mixture, torch.Tensor):
+        length, segment = mixture.shape[-1], mixture[first:last]
+    else:
+        parts, length = [], 0
+        for block in open_audio_stream(mixture, sample_rate):
+            if length + block.shape[-1] > first and length < last:
+                parts.append(block[max(first - length, 0) : last - length])
+            length += block.shape[-1]
+            if length >= last:
+                break
+        segment = torch.cat(parts) if parts else torch.zeros(0)
+    if segment.shape[-1] == 0:
+        where = "the mixture" if isinstance(mixture, torch.Tensor) else str(mixture)
+        raise ConfigError(f"span {span[0]:g}:{span[1]:g}: {where} is only {length / sample_rate:.2f} s long")
+    return segment.float()
+
+
 @torch.no_grad()
-def embed_query(encoder: QueryEncoder, query: Query, sample_rate: int = 16_000) -> torch.Tensor:
-    """The fused, unit-norm query vector ``[D]`` (see :mod:`marsctl.models.query`)."""
+def embed_query(encoder: QueryEncoder, query: Query, sample_rate: int = 16_000,
+                mixture: str | Path | torch.Tensor | None = None) -> torch.Tensor:
+    """The fused, unit-norm query vector ``[D]`` (see :mod:`marsctl.models.query`). ``mixture`` (a file or
+    a waveform at ``sample_rate``) is where the query's spans are taken from; example recordings and
+    spans are composed into the audio part."""
     parts: dict[str, torch.Tensor] = {}
     if query.texts:
         parts["text"] = compose(encoder.embed_text(list(query.texts)).float().cpu())
-    if query.audio:
+    if query.spans and mixture is None:
+        raise ConfigError("a span query is taken from the mixture being separated; none was given")
+    if query.audio or query.spans:
         waves = [torch.from_numpy(load_audio(p, sample_rate)) for p in query.audio]
+        waves += [read_span(mixture, span, sample_rate) for span in query.spans]
         parts["audio"] = compose(encoder.embed_audio([w.to(encoder.device) for w in waves], sample_rate).float().cpu())
     if query.images:
         parts["image"] = compose(encoder.embed_image(torch.stack([load_image(p) for p in query.images]).to(encoder.device)).float().cpu())
