@@ -45,8 +45,9 @@ def load_audio(path: str | Path, sample_rate: int | None = 16_000) -> np.ndarray
     return np.ascontiguousarray(wave, dtype=np.float32)
 
 
-def load_audio_native(path: str | Path) -> tuple[np.ndarray, int]:
-    """Load ``path`` as mono float32 at its own sample rate: ``(samples, sample_rate)``."""
+def load_audio_native(path: str | Path, *, allow_nonfinite: bool = False) -> tuple[np.ndarray, int]:
+    """Load ``path`` as mono float32 at its own sample rate: ``(samples, sample_rate)``.
+    ``allow_nonfinite`` keeps NaN/Inf samples (``marsctl eval`` scores such an estimate at its floor)."""
     path = Path(path)
     check_readable(path)
     if path.suffix.lower() in SOUNDFILE_SUFFIXES:
@@ -55,7 +56,7 @@ def load_audio_native(path: str | Path) -> tuple[np.ndarray, int]:
         wave, sr = _read_ffmpeg(path)
     if wave.size == 0:
         raise AudioError(path, "contains no audio samples (zero length)")
-    if not np.isfinite(wave).all():
+    if not allow_nonfinite and not np.isfinite(wave).all():
         raise AudioError(path, "contains NaN or Inf samples")
     return wave, sr
 

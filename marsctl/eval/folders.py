@@ -141,8 +141,8 @@ def load_mixture(entry: MixtureEntry, failures: list[Failure]) -> LoadedMixture 
         elif ref_sr != rate:
             failures.append(Failure(str(pair.reference), f"sample rate {ref_sr} Hz differs from the mixture's other references ({rate} Hz)"))
             continue
-        try:
-            est, est_sr = load_audio_native(pair.estimate)
+        try:  # NaN/Inf samples are a failed separation: scored at the floor, with its partners scored jointly
+            est, est_sr = load_audio_native(pair.estimate, allow_nonfinite=True)
         except AudioError as exc:
             failures.append(Failure(exc.path, exc.problem))
             continue

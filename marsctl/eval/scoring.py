@@ -8,10 +8,15 @@ tensors ``[..., n_sources]`` of SDR, SIR, SAR, SI-SDR, SI-SDRi (dB) and the STFT
 Rules, the same for every caller:
 
 * **Floor.** A silent estimate (energy <= ``SILENCE_ENERGY``) or one with NaN/Inf samples
-  (a failed separation) is scored at ``DB_FLOOR`` dB for SDR, SIR, SAR and SI-SDR (its
-  SI-SDRi is ``DB_FLOOR`` minus the mixture's SI-SDR), and every dB score below the floor
-  is raised to it, so a silent output never scores better than a real one and is never
-  left out of a mean. Non-finite samples are zeroed before the STFT distance.
+  (even one: a failed separation) is scored at ``DB_FLOOR`` (-60 dB) for SDR, SIR, SAR and
+  SI-SDR (its SI-SDRi is ``DB_FLOOR`` minus the mixture's SI-SDR), and every dB score below the
+  floor is raised to it, so a silent output never scores better than a real one and is never
+  left out of a mean. Non-finite samples are zeroed before BSS-Eval and the STFT distance, so
+  the other sources of the mixture are still scored jointly with it.
+* **Ceiling.** Every dB score above ``DB_CEILING`` (+60 dB) is lowered to it: an estimate equal
+  to its reference (SI-SDR and SIR +inf, BSS-Eval SDR 140-160 dB of float64 rounding) scores
+  +60 dB and is counted, so perfect sources neither vanish from n nor outweigh the rest. The
+  mixture's SI-SDR is held to the same range before SI-SDRi is taken.
 * **Undefined** (NaN) means there is nothing to measure: SIR of a single source, SI-SDRi
   without the mixture, and every metric of a mixture with a silent reference.
 """
@@ -27,10 +32,7 @@ import torch
 
 from marsctl.config import SignalConfig
 from marsctl.errors import MarsctlError
-from marsctl.metrics.separation import BssEvalReferences, si_sdr, silent, stft_distance
-
-#: score given to silent or failed (NaN/Inf) estimates, and the lowest dB score reported
-DB_FLOOR = -60.0
+from marsctl.metrics.separation import DB_CEILING, DB_FLOOR, BssEvalReferences, bounded_db, si_sdr, silent, stft_distance
 #: dB metrics (floored) and all metrics, in display order
 DB_METRICS = ("sdr", "sir", "sar", "si_sdr", "si_sdri")
 SEPARATION_METRICS = (*DB_METRICS, "stft_distance")
@@ -52,11 +54,13 @@ class SystemScores:
             notes.append("a reference of this mixture is silent: metrics undefined")
         elif bool(self.floored[index]):
             notes.append(f"estimate is silent or not finite: scored at the floor ({DB_FLOOR:g} dB)")
+        elif any(bool(self.metrics[name][index] >= DB_CEILING) for name in ("sdr", "si_sdr")):
+            notes.append(f"estimate matches its reference: scored at the ceiling (+{DB_CEILING:g} dB)")
         return notes
 
 
 def _floored(values: torch.Tensor, floor_mask: torch.Tensor) -> torch.Tensor:
-    return torch.where(floor_mask, torch.full_like(values, DB_FLOOR), values).clamp_min(DB_FLOOR)
+    return bounded_db(values, floor_mask)
 
 
 def score_systems(
@@ -82,7 +86,7 @@ def score_systems(
     si_mixture = None
     if mixtures is not None:
         mix = torch.as_tensor(mixtures).to(torch.float64).unsqueeze(-2).expand_as(refs)
-        si_mixture = si_sdr(refs, mix)
+        si_mixture = bounded_db(si_sdr(refs, mix))
     out = []
     for est, fail, b in zip(ests, failed, bss):
         floor = fail | silent(est)

@@ -18,6 +18,7 @@ mir_eval. ``bench/metrics_speed.py`` measures the speed against mir_eval.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -34,6 +35,12 @@ from marsctl.metrics.toeplitz import block_toeplitz_matvec, solve_block_toeplitz
 BSS_EVAL_FILTER_LENGTH = 512
 #: energy below which a signal counts as silent (then BSS-Eval and SI-SDR are undefined)
 SILENCE_ENERGY = 1e-10
+#: the range every reported dB score is held to. The floor is the score of a silent or failed (NaN/Inf)
+#: estimate; the ceiling that of an estimate equal to its reference, whose SI-SDR is +inf and whose
+#: BSS-Eval SDR is float64 rounding (140-160 dB): above +60 dB no separation is audibly better, and an
+#: uncapped perfect source would outweigh a mean of real ones.
+DB_FLOOR = -60.0
+DB_CEILING = 60.0
 
 
 @dataclass(frozen=True)
@@ -187,6 +194,33 @@ def si_sdr(references: torch.Tensor, estimates: torch.Tensor) -> torch.Tensor:
     """Scale-invariant SDR in dB along the last axis (Le Roux et al. 2019), zero-mean, float64."""
     target, noise = _scaled_target_and_noise(references, estimates)
     return 10 * torch.log10((target * target).sum(-1) / (noise * noise).sum(-1))
+
+
+def bounded_db(values: torch.Tensor, floor_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """dB scores held to ``[DB_FLOOR, DB_CEILING]`` (+inf is the ceiling, -inf the floor; NaN, undefined,
+    stays NaN); ``floor_mask`` marks scores set to the floor (silent or failed estimates)."""
+    values = torch.nan_to_num(values, nan=math.nan, posinf=DB_CEILING, neginf=DB_FLOOR).clamp(DB_FLOOR, DB_CEILING)
+    return values if floor_mask is None else torch.where(floor_mask, torch.full_like(values, DB_FLOOR), values)
+
+
+def failed_or_silent(estimates: torch.Tensor) -> torch.Tensor:
+    """True where an estimate (last axis) has NaN/Inf samples or no energy: it scores the floor."""
+    est = _as_float64(estimates)
+    return ~torch.isfinite(est).all(-1) | silent(torch.nan_to_num(est, nan=0.0, posinf=0.0, neginf=0.0))
+
+
+def bounded_si_sdr_improvement(references: torch.Tensor, estimates: torch.Tensor, mixtures: torch.Tensor) -> torch.Tensor:
+    """:func:`si_sdr_improvement` with the scoring rules of ``marsctl eval``: a silent or failed estimate's
+    SI-SDR is the floor and a perfect one's the ceiling (:func:`bounded_db`), so neither is left out of a
+    mean; NaN only where the reference is silent."""
+    ref = _as_float64(references)
+    est = _as_float64(estimates)
+    mix = _as_float64(mixtures)
+    if mix.ndim == ref.ndim - 1:
+        mix = mix.unsqueeze(-2)
+    score = bounded_db(si_sdr(ref, torch.nan_to_num(est, nan=0.0, posinf=0.0, neginf=0.0)), failed_or_silent(est))
+    improvement = score - bounded_db(si_sdr(ref, mix.expand_as(ref)))
+    return improvement.masked_fill(silent(ref), math.nan)
 
 
 def segment_index(length: int, segments: int, device=None) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from marsctl.metrics.separation import si_sdr_improvement
+from marsctl.metrics.separation import bounded_si_sdr_improvement
 from marsctl.models.separator import Separator
 from marsctl.queries import QueryBuilder
 
@@ -33,11 +33,12 @@ def finite_mean(values: list[torch.Tensor]) -> tuple[float, int]:
 def validation_si_sdri(model: Separator, mixtures, queries: QueryBuilder, device: torch.device,
                        estimates: list[torch.Tensor] | None = None) -> dict[str, float]:
     """Mean SI-SDRi (dB) over every source of the fixed mixtures, each separated with its own text
-    query (mode mask; ``estimates`` when the caller has them from :func:`mode_estimates`). The model
-    is left in eval mode."""
+    query (mode mask; ``estimates`` when the caller has them from :func:`mode_estimates`), with the
+    floor and ceiling of ``marsctl eval``. The model is left in eval mode."""
     if estimates is None:
         estimates = mode_estimates(model, mixtures, queries, device)
-    improvements = [si_sdr_improvement(torch.from_numpy(fixed.sources), estimate, torch.from_numpy(fixed.mixture))
+    # silent or failed (NaN) estimates score eval's floor and perfect ones its ceiling: none leaves the mean
+    improvements = [bounded_si_sdr_improvement(torch.from_numpy(fixed.sources), estimate, torch.from_numpy(fixed.mixture))
                     for fixed, estimate in zip(mixtures, estimates)]
     mean, count = finite_mean(improvements)
     return {"si_sdri": mean, "num_sources": count}
