@@ -1,7 +1,11 @@
 """Package a supervised (or RL) run as the embedded default model (how marsctl/pretrained/ was made).
 
-    python -m marsctl.pretrained.package RUN_DIR DATASET_DIR [--encoder ALIGNED_ENCODER_DIR] [--recipe NAME]
+    python -m marsctl.pretrained.package RUN_DIR DATASET_DIR [--encoder ALIGNED_ENCODER_DIR] [--recipe NAME] [--force]
 
+0. **the ratchet**: the run's model and the default it would replace both separate every fixed
+   ``val`` mixture of the dataset (text queries); the per-source SI-SDRi differences (run − default)
+   must show a gain, mean − ``z`` × standard error > ``min_gain_db`` (:func:`validation_gain`), or
+   nothing is written (``--force`` skips the check). The decision goes into ``evaluation.json``;
 1. copies the run's model (``config.json``, ``model.safetensors``) into
    ``marsctl/pretrained/separator/`` and saves its query encoder beside it in ``encoder/``
    (so the default does not change if the built-in encoder's defaults do). ``--encoder`` ships
@@ -25,6 +29,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shutil
@@ -55,6 +60,50 @@ def check_same_text_space(trained_with, shipped, labels: list[str], where: str) 
     if difference > TEXT_EMBEDDING_TOLERANCE:
         raise MarsctlError(f"{where}: its text embeddings differ from the training encoder's by {difference:.3g} "
                            "(align with freeze_text: true to keep the separator's text space)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationGain:
+    """The ratchet's evidence: paired per-source SI-SDRi of a candidate against the model it would replace."""
+
+    split: str
+    sources: int
+    candidate_db: float
+    baseline_db: float
+    gain_db: float
+    gain_se_db: float
+    better_fraction: float
+    min_gain_db: float
+    z: float
+
+    @property
+    def accepted(self) -> bool:
+        return math.isfinite(self.gain_db) and self.gain_db - self.z * (self.gain_se_db if math.isfinite(self.gain_se_db) else math.inf) > self.min_gain_db
+
+    def line(self) -> str:
+        return (f"{self.split} split, {self.sources} sources: candidate {self.candidate_db:.2f} dB, default {self.baseline_db:.2f} dB, "
+                f"paired {self.gain_db:+.2f} ± {self.gain_se_db:.2f} dB (better on {self.better_fraction:.0%}; "
+                f"needs mean − {self.z:g} SE > {self.min_gain_db:+.2f})")
+
+
+def validation_gain(candidate, candidate_encoder, baseline, baseline_encoder, dataset_dir: Path, split: str = "val",
+                    min_gain_db: float = 0.0, z: float = 1.0) -> ValidationGain:
+    """Both separators on every fixed ``split`` mixture with text queries; SI-SDRi paired per source
+    (a source one model cannot score counts as -60 dB gain-wise through the metric's floor, so it is kept)."""
+    rows = {}
+    for name, model, encoder in (("candidate", candidate, candidate_encoder), ("baseline", baseline, baseline_encoder)):
+        scored = evaluate_separator(model, encoder, dataset_dir, query_modalities=("text",), split=split, references=False)
+        rows[name] = {(r["mixture_id"], r["source"]): r["si_sdri"] for r in scored if r["system"] == "model"}
+    keys = sorted(set(rows["candidate"]) & set(rows["baseline"]))
+    pairs = [(rows["candidate"][k], rows["baseline"][k]) for k in keys if math.isfinite(rows["candidate"][k]) and math.isfinite(rows["baseline"][k])]
+    if not pairs:
+        raise MarsctlError(f"{dataset_dir}: no {split} mixtures scored by both models; the ratchet needs the {split} split")
+    differences = [c - b for c, b in pairs]
+    summary = summarize_values(differences)
+    se = summary.standard_error if summary.standard_error is not None else math.nan
+    return ValidationGain(split=split, sources=len(pairs), candidate_db=sum(c for c, _ in pairs) / len(pairs),
+                          baseline_db=sum(b for _, b in pairs) / len(pairs), gain_db=float(summary.mean), gain_se_db=float(se),
+                          better_fraction=sum(d > 0 for d in differences) / len(differences), min_gain_db=min_gain_db, z=z)
 
 
 def breakdown_rows(rows: list[dict], groups: dict) -> list[dict]:
@@ -127,11 +176,26 @@ def write_examples(dataset_dir: Path, chosen: list[dict]) -> list[dict]:
     return examples
 
 
-def package(run_dir: Path, dataset_dir: Path, encoder_dir: Path | None = None, recipe: str = "union-small") -> dict:
+def package(run_dir: Path, dataset_dir: Path, encoder_dir: Path | None = None, recipe: str = "union-small", *,
+            target: Path = DEFAULT_SEPARATOR_DIR, force: bool = False, min_gain_db: float = 0.0, z: float = 1.0,
+            examples: bool = True) -> dict:
+    """Package ``run_dir`` as the model in ``target`` (the embedded default unless a test says otherwise).
+
+    Unless ``force``, a model already in ``target`` is replaced only when the run beats it on the
+    dataset's validation split (:func:`validation_gain`); otherwise :class:`MarsctlError` and nothing
+    in ``target`` is touched. ``examples`` rewrites the packaged demo mixtures (the default's only)."""
     from marsctl.data.manifest import training_labels
     from marsctl.data.union import source_groups
 
+    target = Path(target)
     run = load_separator(run_dir)
+    ratchet = None
+    if not force and (target / "model.safetensors").is_file():
+        current = load_separator(target)
+        ratchet = validation_gain(run, load_encoder(run.encoder), current, load_encoder(current.encoder), Path(dataset_dir),
+                                  min_gain_db=min_gain_db, z=z)
+        if not ratchet.accepted:
+            raise MarsctlError(f"{run_dir}: not packaged, no validated gain over the model in {target}: {ratchet.line()}")
     training = run.config.get("training", {})
     labels = training_labels(dataset_dir)
     trained_with = load_encoder(run.encoder)
@@ -142,7 +206,6 @@ def package(run_dir: Path, dataset_dir: Path, encoder_dir: Path | None = None, r
         check_same_text_space(trained_with, encoder, labels, str(encoder_dir))
         metrics_path = Path(encoder_dir).parent / "metrics.json"
         aligned = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    target = DEFAULT_SEPARATOR_DIR
     target.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run_dir / "model.safetensors", target / "model.safetensors")
     if (target / "encoder").is_dir():
@@ -160,10 +223,11 @@ def package(run_dir: Path, dataset_dir: Path, encoder_dir: Path | None = None, r
     overall, per_class = summarize(rows), summarize(rows, by_label=True)
     groups = breakdown_rows(rows, source_groups(dataset_dir, "test"))
     write_json_atomic(target / "evaluation.json", {"data": str(dataset_dir), "split": "test", "overall": overall,
-                                                   "by_group": groups, "per_class": per_class})
+                                                   "by_group": groups, "per_class": per_class,
+                                                   "ratchet": dataclasses.asdict(ratchet) | {"accepted": ratchet.accepted} if ratchet else None})
     write_text_atomic(target / "evaluation.md", "# Default separator on the held-out test mixtures\n\n" + markdown_table(overall)
                       + "\n## Per class\n\n" + markdown_table(per_class))
-    examples = write_examples(dataset_dir, choose_examples(dataset_dir, rows))
+    examples = write_examples(dataset_dir, choose_examples(dataset_dir, rows)) if examples else []
 
     history = json.loads((run_dir / "history.json").read_text()) if (run_dir / "history.json").is_file() else []
     log_every = training.get("log_every", 1)
@@ -172,7 +236,8 @@ def package(run_dir: Path, dataset_dir: Path, encoder_dir: Path | None = None, r
     size_mb = (target / "model.safetensors").stat().st_size / 1e6
     write_text_atomic(target / "README.md", model_card(model, training, overall, groups, per_class, labels, aligned,
                                                        dataset_dir, n_params, size_mb, train_minutes, recipe))
-    return {"overall": overall, "by_group": groups, "examples": examples, "params": n_params, "size_mb": size_mb}
+    return {"overall": overall, "by_group": groups, "examples": examples, "params": n_params, "size_mb": size_mb,
+            "ratchet": ratchet.line() if ratchet else "skipped (--force or no model to replace)"}
 
 
 def _cell(mean: float, se: float) -> str:
@@ -252,9 +317,16 @@ def main() -> None:
     parser.add_argument("dataset_dir", type=Path)
     parser.add_argument("--encoder", type=Path, help="an aligned encoder to ship (same text space as the run's)")
     parser.add_argument("--recipe", default="union-small", help="the recipes/train name the run was trained with (for the card)")
+    parser.add_argument("--force", action="store_true", help="package even without a validated gain over the current default")
+    parser.add_argument("--min-gain-db", type=float, default=0.0, help="the ratchet's margin (default 0)")
+    parser.add_argument("--z", type=float, default=1.0, help="standard errors the paired gain must clear (default 1)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    result = package(args.run_dir, args.dataset_dir, args.encoder, args.recipe)
+    try:
+        result = package(args.run_dir, args.dataset_dir, args.encoder, args.recipe, force=args.force,
+                         min_gain_db=args.min_gain_db, z=args.z)
+    except MarsctlError as error:
+        raise SystemExit(f"error: {error}") from None
     print(json.dumps({k: v for k, v in result.items() if k != "overall"}, indent=2))
     print(markdown_table(result["overall"]))
 
