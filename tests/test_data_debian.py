@@ -128,6 +128,66 @@ def test_rules_match_label_and_split_and_drop_duplicate_files(tmp_path):
     assert [r.group for r in unmatched] == ["p-cow"]
 
 
+def _zip_of_waves(path: Path, members: dict[str, np.ndarray], scratch: Path) -> None:
+    import zipfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, wave in members.items():
+            save_audio(scratch / "member.wav", wave, SR)
+            zf.write(scratch / "member.wav", name)
+
+
+def test_archive_rules_match_zip_members_extracted_once_into_the_cache(tmp_path):
+    import zipfile
+
+    packages = _unpacked(tmp_path / "pkg", {"data/snd/loose.wav": tone(0.5, 300)})
+    _zip_of_waves(tmp_path / "pkg/data/sfx.pk3", {
+        "sound/gun1.wav": tone(0.3, 700), "sound/gun2.wav": tone(0.3, 710), "sound/rain.wav": tone(2.5, 150),
+        "../escape.wav": tone(0.3, 900),  # a member that would leave the cache: never extracted
+    }, tmp_path)
+    source = DebianSource(prefixes={"p": "data/"}, rules=[
+        {"package": "p", "archive": "sfx.pk3", "regex": r"sound/gun\d\.wav", "label": "gunshots", "group": "p-guns", "split": "train"},
+        {"package": "p", "archive": "sfx.pk3", "glob": "sound/rain.wav", "label": "rain", "group": "p-rain", "split": "test"},
+        {"package": "p", "archive": "sfx.pk3", "glob": "*.wav", "label": "x", "group": "p-escape", "split": "val"},
+        {"package": "p", "archive": "absent.zip", "glob": "*.wav", "label": "x", "group": "p-absent", "split": "val"},
+        {"package": "p", "glob": "snd/loose.wav", "label": "x", "group": "p-loose", "split": "val"},
+    ])
+    rules = source.parsed_rules()
+    assert rules[0].archive == "data/sfx.pk3" and rules[0].pattern == r"(?:sound/gun\d\.wav)"  # the prefix goes with the archive
+    groups, unmatched = match_rules(packages, rules)
+    by_group = {g.group: g for g in groups}
+    assert [t.path for t in by_group["p-guns"].takes] == ["data/sfx.pk3!sound/gun1.wav", "data/sfx.pk3!sound/gun2.wav"]
+    assert by_group["p-rain"].split == "test" and by_group["p-loose"].takes[0].path == "data/snd/loose.wav"
+    assert {r.group for r in unmatched} == {"p-escape", "p-absent"}
+    with zipfile.ZipFile(tmp_path / "pkg/data/sfx.pk3") as zf:
+        member = zf.read("sound/gun1.wav")
+    take = by_group["p-guns"].takes[0]
+    assert take.sha256 == hashlib.sha256(member).hexdigest() and Path(take.file).read_bytes() == member
+    assert Path(take.file).is_relative_to(tmp_path / "pkg.members")  # beside the unpacked tree, not in it
+    assert not (tmp_path / "escape.wav").exists() and not list(tmp_path.rglob("escape.wav"))
+    stamp = Path(take.file).stat().st_mtime_ns
+    again, _ = match_rules(packages, rules)
+    assert again == groups and Path(take.file).stat().st_mtime_ns == stamp  # extracted once
+    with pytest.raises(ConfigError, match="archive must be a relative path"):
+        DebianSource(rules=[{"package": "p", "archive": "../x.zip", "glob": "*", "label": "x", "group": "g", "split": "train"}])
+
+
+def test_per_file_rules_make_every_file_its_own_group_in_the_rule_split(tmp_path):
+    packages = _unpacked(tmp_path / "pkg", {
+        "voices/a/Hello.wav": tone(0.4, 300), "voices/a/Bye.wav": tone(0.4, 320), "voices/b/Hello.wav": tone(0.4, 340),
+    })
+    rule = {"package": "p", "regex": r"voices/a/\w+\.wav", "label": "speech", "group": "p-a", "split": "val", "per_file": True}
+    groups, _ = match_rules(packages, DebianSource(rules=[rule]).parsed_rules())
+    assert [(g.group, g.split, g.label, [t.path for t in g.takes]) for g in groups] == [
+        ("p-a.Bye", "val", "speech", ["voices/a/Bye.wav"]), ("p-a.Hello", "val", "speech", ["voices/a/Hello.wav"])]
+    clash = {"package": "p", "glob": "voices/b/Hello.wav", "label": "greeting", "group": "p-a.Hello", "split": "val"}
+    with pytest.raises(ConfigError, match="group 'p-a.Hello'"):
+        match_rules(packages, DebianSource(rules=[rule, clash]).parsed_rules())
+    with pytest.raises(ConfigError, match="per_file must be true or false"):
+        DebianSource(rules=[{**rule, "per_file": "yes"}])
+
+
 def test_recipe_section_errors_name_the_rule():
     rule = {"package": "p", "glob": "*.wav", "label": "x", "group": "g", "split": "train"}
     with pytest.raises(ConfigError, match=r"rules\[0\].*exactly one of glob or regex"):

@@ -11,6 +11,12 @@ group's ``split``::
         - {package: megaglest-data, regex: 'techs/megapack/commondata/sounds/pig_die\\d\\.wav',
            label: pig, group: megaglest-pig-die, split: test}
 
+**Archives.** Games often pack their sounds into a zip file (``.pk3``, ``.wz``, ``.zip``). A rule
+with ``archive: <path of the zip in the package>`` matches its ``glob``/``regex`` against the
+*members* of that zip instead; the matched members are extracted once into the cache next to the
+unpacked package (``<package>_<version>.members/``) and recorded as ``<archive>!<member>``. A
+missing or unreadable archive makes its rules match nothing (one logged skip each).
+
 Packages come from a ``debs`` folder, the cache, or ``apt-get download`` (see
 :mod:`marsctl.data.debian_packages`; nothing is installed). A package that cannot be had is
 one logged skip; the build goes on and exits non-zero at the end.
@@ -19,7 +25,9 @@ one logged skip; the build goes on and exits non-zero at the end.
 one effect) form a group, and all clips made from a group go to the group's split. Identical
 files (games ship the same ``rain.ogg`` in several folders) are de-duplicated by content
 hash; one content in two splits, a file matched by two rules, or a group given two labels or
-splits is refused (:class:`ConfigError`).
+splits is refused (:class:`ConfigError`). A rule with ``per_file: true`` makes every file it
+matches a group of its own (``<group>.<file stem>``, all in the rule's split): for collections of
+distinct recordings (one word, one laugh per file) that would otherwise be pooled into one group.
 
 **Clips** are ``clip_seconds`` long at the signal rate (16 kHz mono): a recording at least that
 long is cut into consecutive windows (at most ``max_windows_per_recording``); the shorter
@@ -40,6 +48,7 @@ import logging
 import math
 import re
 import shutil
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -58,7 +67,8 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 PROVENANCE_FILE = "provenance/debian.json"
-_RULE_KEYS = {"package", "glob", "regex", "label", "group", "split"}
+_RULE_KEYS = {"package", "glob", "regex", "label", "group", "split", "archive", "per_file"}
+ARCHIVE_SEPARATOR = "!"
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,17 @@ class Rule:
     label: str
     group: str
     split: str
+    #: a zip file in the package (path relative to the unpacked package): ``pattern`` matches its members
+    archive: str = ""
+    #: every matched file is a recording group of its own, ``<group>.<file stem>`` (all in ``split``)
+    per_file: bool = False
+
+    def group_of(self, path: str) -> str:
+        """The recording group of the matched file ``path``."""
+        if not self.per_file:
+            return self.group
+        stem = path.rsplit("/", 1)[-1].rsplit(ARCHIVE_SEPARATOR, 1)[-1]
+        return f"{self.group}.{safe_id(stem.rsplit('.', 1)[0] if '.' in stem else stem)}"
 
 
 def glob_to_regex(glob: str) -> str:
@@ -114,13 +135,22 @@ def parse_rule(entry: object, prefixes: dict[str, str], where: str) -> Rule:
     if entry["split"] not in SPLITS:
         raise ConfigError(f"{where}: split must be one of {', '.join(SPLITS)}, got {entry['split']!r}")
     package = str(entry["package"])
-    prefix = re.escape(prefixes.get(package, ""))
     body = glob_to_regex(str(entry["glob"])) if "glob" in entry else str(entry["regex"])
     try:
         re.compile(body)
     except re.error as exc:
         raise ConfigError(f"{where}: invalid regex {body!r} ({exc})") from None
-    return Rule(package, prefix + "(?:" + body + ")", str(entry["label"]), str(entry["group"]), str(entry["split"]))
+    label, group, split = str(entry["label"]), str(entry["group"]), str(entry["split"])
+    per_file = entry.get("per_file", False)
+    if not isinstance(per_file, bool):
+        raise ConfigError(f"{where}: per_file must be true or false, got {per_file!r}")
+    if "archive" in entry:  # the pattern is on the archive's members; the prefix goes with the archive's path
+        archive = str(entry["archive"] or "")
+        parts = archive.split("/")
+        if not archive or archive.startswith("/") or ".." in parts or ARCHIVE_SEPARATOR in archive:
+            raise ConfigError(f"{where}: archive must be a relative path inside the package, got {entry['archive']!r}")
+        return Rule(package, "(?:" + body + ")", label, group, split, prefixes.get(package, "") + archive, per_file)
+    return Rule(package, re.escape(prefixes.get(package, "")) + "(?:" + body + ")", label, group, split, per_file=per_file)
 
 
 @dataclass(frozen=True)
@@ -198,10 +228,12 @@ def match_rules(packages: dict[str, PackageInfo], rules: tuple[Rule, ...]) -> tu
     """The recording groups (takes sorted, duplicate contents dropped) and the rules that matched nothing.
 
     Rules of packages not in ``packages`` are ignored (those packages were skipped). Raises
-    :class:`ConfigError` when a file matches two rules or one content falls in two splits.
+    :class:`ConfigError` when a file matches two rules, one content falls in two splits, or a
+    ``per_file`` group's name is taken by a group of another label or split.
     """
     compiled = [(rule, re.compile(rule.pattern)) for rule in rules if rule.package in packages]
     takes: dict[str, list[Take]] = {}
+    meta: dict[str, Rule] = {}  # recording group -> the first rule that gave it takes
     owner: dict[tuple[str, str], Rule] = {}
     split_of_content: dict[str, tuple[str, Take]] = {}
     matched: set[int] = set()
@@ -209,10 +241,17 @@ def match_rules(packages: dict[str, PackageInfo], rules: tuple[Rule, ...]) -> tu
         mine = [(i, rule, pattern) for i, (rule, pattern) in enumerate(compiled) if rule.package == name]
         if not mine:
             continue
-        for path in sorted(p for p in info.root.rglob("*") if p.is_file() and not p.is_symlink()):
-            rel = path.relative_to(info.root).as_posix()
-            for index, rule, pattern in mine:
-                if not pattern.fullmatch(rel):
+        plain = [m for m in mine if not m[1].archive]
+        # (path recorded, name the patterns match, file on disk, rules that apply)
+        candidates = [(rel, rel, p, plain) for p in sorted(p for p in info.root.rglob("*") if p.is_file() and not p.is_symlink())
+                      for rel in [p.relative_to(info.root).as_posix()]] if plain else []
+        for archive in dict.fromkeys(m[1].archive for m in mine if m[1].archive):
+            inside = [m for m in mine if m[1].archive == archive]
+            candidates += [(f"{archive}{ARCHIVE_SEPARATOR}{member}", member, path, inside)
+                           for member, path in archive_members(info, archive, {m[1].pattern for m in inside})]
+        for rel, member, path, rules_here in candidates:
+            for index, rule, pattern in rules_here:
+                if not pattern.fullmatch(member):
                     continue
                 if (name, rel) in owner:
                     raise ConfigError(f"debian: {name}:{rel} matches two rules (groups {owner[name, rel].group} and {rule.group})")
@@ -227,13 +266,46 @@ def match_rules(packages: dict[str, PackageInfo], rules: tuple[Rule, ...]) -> tu
                         )
                     continue  # an identical copy: the first one is kept
                 split_of_content[take.sha256] = (rule.split, take)
-                takes.setdefault(rule.group, []).append(take)
-    first_rule = {}
-    for rule, _ in compiled:
-        first_rule.setdefault(rule.group, rule)
-    groups = [GroupPlan(g, first_rule[g].label, first_rule[g].split, tuple(found)) for g, found in takes.items()]
+                group = rule.group_of(rel)
+                seen = meta.setdefault(group, rule)
+                if (seen.label, seen.split) != (rule.label, rule.split):
+                    raise ConfigError(f"debian: group {group!r} ({name}:{rel}) has label/split {seen.label}/{seen.split} and {rule.label}/{rule.split}")
+                takes.setdefault(group, []).append(take)
+    groups = [GroupPlan(g, meta[g].label, meta[g].split, tuple(found)) for g, found in takes.items()]
     unmatched = [rule for i, (rule, _) in enumerate(compiled) if i not in matched]
     return sorted(groups, key=lambda g: g.group), unmatched
+
+
+def _safe_member(name: str) -> bool:
+    parts = name.split("/")
+    return bool(name) and not name.startswith("/") and ".." not in parts and ARCHIVE_SEPARATOR not in name and "\\" not in name
+
+
+def archive_members(info: PackageInfo, archive: str, patterns: set[str]) -> list[tuple[str, Path]]:
+    """The members of zip ``archive`` (in ``info``'s tree) that some pattern matches, extracted once into the cache.
+
+    Extracted members live under ``<unpacked>.members/<archive>/`` (written atomically, so one
+    already there with the member's size is complete and reused). A missing or unreadable
+    archive is one warning and no members.
+    """
+    path = info.root / archive
+    regexes = [re.compile(p) for p in patterns]
+    out: list[tuple[str, Path]] = []
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for item in sorted(zf.infolist(), key=lambda i: i.filename):
+                name = item.filename
+                if item.is_dir() or not _safe_member(name) or not any(r.fullmatch(name) for r in regexes):
+                    continue
+                target = info.root.parent / f"{info.root.name}.members" / archive / name
+                if not (target.is_file() and target.stat().st_size == item.file_size):
+                    with atomic_path(target) as tmp, zf.open(item) as src, open(tmp, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                out.append((name, target))
+    except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
+        log.warning("debian: cannot read archive %s in %s: %s", archive, info.name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return []
+    return out
 
 
 def make_clips(waves: list[np.ndarray], source: DebianSource, sample_rate: int, rng: np.random.Generator) -> list[tuple[np.ndarray, list[int]]]:
