@@ -55,6 +55,8 @@ def separate(
 
       [bold]marsctl separate --queries per_file.csv --model runs/sup[/]
 
+      [bold]ffmpeg -i input.mp4 -f wav - | marsctl separate --stream - -q "speech" --latency 0.5[/]
+
     Files that cannot be read are listed at the end and the exit status is 1.
     """
     if stream:
