@@ -28,7 +28,7 @@ from marsctl.cli import separate as separate_cli
 from marsctl.errors import ConfigError
 from marsctl.separate import Query, SeparateOptions, Separator, separate_waveform
 from marsctl.separate.stream import LiveSeparation, StreamSettings
-from marsctl.separate.stream_io import stream_to_files
+from marsctl.separate.stream_io import LiveWav, stream_to_files
 
 SR = 16_000
 HOP = 0.5  # seconds; a 2 s window is 4 hops (fewer separator passes than the default 0.25 s hop)
@@ -149,10 +149,14 @@ def test_stream_settings_are_checked(separator):
         sampled.stream(query="violin")
 
 
-def test_a_growing_file_is_read_as_it_is_written(tmp_path):
+@pytest.mark.parametrize("header", ["length 0 until closed", "length kept up to date"])
+def test_a_growing_file_is_read_as_it_is_written(tmp_path, header):
     path = tmp_path / "recording.wav"
     wave = _music(1.5, seed=4)
-    writer = sf.SoundFile(str(path), "w", SR, 1, subtype="FLOAT", format="WAV")  # header length 0 until closed
+    if header == "length 0 until closed":  # libsndfile's default, as most recorders
+        writer = sf.SoundFile(str(path), "w", SR, 1, subtype="FLOAT", format="WAV")
+    else:  # a live output of marsctl separate --stream: the length read first is not the end
+        writer = LiveWav(path, SR).handle
     writer.write(wave[:4_000])
     writer.flush()
 

@@ -253,17 +253,47 @@ def _handle_blocks(name: Path, handle: sf.SoundFile, block_frames: int) -> Itera
             yield data.mean(axis=1)
 
 
+#: a WAV header longer than this is passed on as it is
+_WAV_HEADER_LIMIT = 1 << 16
+
+
+def _open_ended_wav_header(head: bytes) -> bytes | None:
+    """``head`` with the RIFF and data chunk sizes of a WAV header set to 0xFFFFFFFF (unknown: read to
+    the end of the stream), or None while the data chunk's header has not been seen."""
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return head if len(head) >= 12 else None
+    at = 12
+    while at + 8 <= len(head):
+        size = int.from_bytes(head[at + 4 : at + 8], "little")
+        if head[at : at + 4] == b"data":
+            return head[:4] + b"\xff\xff\xff\xff" + head[8 : at + 4] + b"\xff\xff\xff\xff" + head[at + 8 :]
+        at += 8 + size + (size & 1)
+    return None
+
+
 def _copy_growing(path: Path, write_end: int, idle_seconds: float) -> None:
-    """Copy ``path``'s bytes into a pipe as they are written; close it once the file has not grown for ``idle_seconds``."""
+    """Copy ``path``'s bytes into a pipe as they are written; close it once the file has not grown for ``idle_seconds``.
+
+    A WAV writer may keep the sizes in its header up to date (marsctl's own live outputs do), and
+    the pipe reader would stop at the size it saw first: the sizes are passed on as unknown."""
     with os.fdopen(write_end, "wb", buffering=0) as sink, contextlib.suppress(OSError):  # OSError: the reader stopped, or the file went away
         with open(path, "rb") as source:
             quiet_since = time.monotonic()
+            head: bytes | None = b""  # the file's first bytes until the header is complete; None after
             while True:
                 data = source.read(1 << 16)
                 if data:
-                    sink.write(data)
                     quiet_since = time.monotonic()
+                    if head is not None:
+                        head += data
+                        fixed = _open_ended_wav_header(head) if len(head) < _WAV_HEADER_LIMIT else head
+                        if fixed is None:
+                            continue
+                        data, head = fixed, None
+                    sink.write(data)
                 elif time.monotonic() - quiet_since >= idle_seconds:
+                    if head:  # a header never completed: let the reader say what is wrong with it
+                        sink.write(head)
                     return
                 else:
                     time.sleep(_FOLLOW_POLL_SECONDS)
