@@ -9,6 +9,9 @@ context it needs at each block edge). Concatenating the blocks of a stream gives
 convolution); the same checks apply (missing, empty, corrupt, truncated, NaN/Inf, no
 samples), raised as :class:`~marsctl.errors.AudioError` when the block that shows the
 problem is read.
+
+:func:`open_live_stream` opens the inputs of ``marsctl separate --stream``: standard input, a
+file still being written, or a file paced as it plays; blocks come as the audio arrives.
 """
 
 from __future__ import annotations
