@@ -21,7 +21,7 @@ HELP = """Score separated audio against references: BSS-Eval SDR/SIR/SAR, SI-SDR
 
 Folders: --estimates and --references hold one sub-folder per mixture with one file per source, under the same names (references/mix001/violin.wav and estimates/mix001/violin.wav). The sources of a mixture are scored jointly, so SIR measures the leakage between them. SI-SDRi needs the mixture, as mixture.wav beside the references or as MIXTURES/<mixture>.wav.
 
-Writes report.json, scores.csv (one row per source), summary.csv and summary.md to --out, and prints mean ± standard error and n. A silent estimate is scored at the floor, {floor:g} dB. Files that cannot be scored are listed at the end and make the exit status 1.
+Writes report.json, scores.csv (one row per source), summary.csv, summary.md and report.html (a listening page: players, spectrograms, sortable tables; --html-max mixtures) to --out, and prints mean ± standard error and n. A silent estimate is scored at the floor, {floor:g} dB. Files that cannot be scored are listed at the end and make the exit status 1.
 
 Example: marsctl eval -e sep/ -r refs/ -o report/
 
@@ -50,6 +50,7 @@ def eval_command(
     judge: Optional[str] = typer.Option(None, "--judge", metavar="SPEC", help="With --data: an independent encoder for the judge score (not the model's own), e.g. laion-clap:630k-audioset or an aligned encoder folder."),
     clap_encoder: Optional[str] = typer.Option(None, "--clap-encoder", metavar="SPEC", hidden=True, help="Former name of --judge."),
     device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="With --data: cuda or cpu."),
+    html_max: int = typer.Option(12, "--html-max", min=0, metavar="N", help="Mixtures on the listening page report.html (players and spectrograms): the worst, the median, the best, then evenly between; 0: tables only."),
     push_to: Optional[str] = PUSH_TO_OPTION,
     reuse: bool = REUSE_OPTION,
 ) -> None:
@@ -64,7 +65,7 @@ def eval_command(
                 err_console.print("[yellow]note:[/] --clap-encoder is now --judge (an independent judge encoder)", highlight=False)
                 judge = clap_encoder
             _eval_model(model, data, query_modality or ["text"], split, limit, judge, device, out, json_output,
-                        push_to=push_to, reuse=reuse)
+                        push_to=push_to, reuse=reuse, html_max=html_max)
             return
         if push_to or reuse:
             raise typer.BadParameter("--push-to and --reuse apply to --model/--data evaluations")
@@ -88,13 +89,18 @@ def eval_command(
             raise MarsctlError(f"no mixture could be scored ({len(report.failures)} failures)")
         group_keys = ("source",) if by_source else ()
         paths = write_report(report, out, group_keys)
+        from marsctl.eval.html import folder_listening, write_html_report
+
+        listening = folder_listening(report, estimates, references, mixtures, html_max)
+        paths["html"] = write_html_report(report, out, listening, group_keys, title=f"Evaluation of {estimates}")
         if json_output:
             print(json.dumps({**report.to_dict(group_keys), "outputs": {k: str(p) for k, p in paths.items()}}, indent=2))
         else:
-            console.print(summary_table(report, title=f"{len(report.rows)} sources in {len({r.mixture for r in report.rows})} mixtures"))
+            console.print(summary_table(report, title=f"{len(report.rows)} sources in {len({r.mixture for r in report.rows})} mixtures (dB)"))
             if by_source:
-                console.print(summary_table(report, title="By source", group_key="source"))
-            console.print(f"Wrote {paths['json']}, {paths['scores_csv'].name}, {paths['summary_csv'].name}, {paths['markdown'].name}")
+                console.print(summary_table(report, title="By source (dB)", group_key="source"))
+            console.print(f"Wrote {paths['json']}, {paths['scores_csv'].name}, {paths['summary_csv'].name}, {paths['markdown'].name}, "
+                          f"{paths['html'].name} (open it in a browser to listen)", highlight=False)
         if report.failures:
             err_console.print(f"[bold red]{len(report.failures)} file(s) failed:[/]")
             for failure in report.failures:
@@ -102,7 +108,7 @@ def eval_command(
             raise typer.Exit(1)
 
 
-def _eval_model(model, data, modalities, split, limit, judge, device, out, json_output, *, push_to=None, reuse=False) -> None:
+def _eval_model(model, data, modalities, split, limit, judge, device, out, json_output, *, push_to=None, reuse=False, html_max=12) -> None:
     """``--model M --data D``: marsctl.eval.model separates and scores; this prints."""
     from marsctl.eval.model import count_test_mixtures, evaluate_model_on_dataset, summarize
     from marsctl.eval.tables import RICH_SCORE_METRICS, summary_rich_table
@@ -117,7 +123,8 @@ def _eval_model(model, data, modalities, split, limit, judge, device, out, json_
         total = count_test_mixtures(inputs["data"], split, limit)
         with stage_progress("Separating and scoring mixtures", total, console=err_console) as advance:
             on_mixture = lambda mixture_id: advance()  # noqa: E731
-            produced["rows"], produced["paths"] = evaluate_model_on_dataset(model, data, out, modalities, split, limit, judge, device, on_mixture)
+            produced["rows"], produced["paths"] = evaluate_model_on_dataset(model, data, out, modalities, split, limit, judge, device, on_mixture,
+                                                                            html_max=html_max)
         return summarize(produced["rows"])
 
     # --reuse / --push-to: the report is keyed by the model, the data and the evaluation settings

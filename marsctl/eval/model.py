@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from marsctl.audio import Spectrogram, load_audio
 from marsctl.errors import MarsctlError
 from marsctl.queries import SOURCE_MODALITIES as QUERY_MODALITIES
 from marsctl.queries import QueryBuilder
+from marsctl.eval.html import DEFAULT_HTML_MAX, Clip, ListeningMixture, SourceClips, choose_mixtures, mixture_scores, write_html_report
 from marsctl.eval.report import EvalReport, SourceScores, write_report
 from marsctl.eval.scoring import SEPARATION_METRICS, score_systems
 from marsctl.models.encoder_base import QueryEncoder
@@ -165,6 +166,9 @@ def evaluate_separator(
     on_mixture: Callable[[str], None] | None = None,
     skip_missing_queries: bool = False,
     reward_encoder: QueryEncoder | None = None,
+    only: Collection[str] | None = None,
+    on_systems: Callable[[TestMixture, list[tuple[str, str, torch.Tensor]]], None] | None = None,
+    score: bool = True,
 ) -> list[dict[str, Any]]:
     """Per-source rows for the model (each modality) and, with ``references``, the mixture and IRM oracle.
 
@@ -175,6 +179,8 @@ def evaluate_separator(
     A mixture with a source that has no query of a modality (no other clip of its class in the
     split for audio, no frames for image) is an error, or, with ``skip_missing_queries``, left
     out of that modality's rows (the summaries' n shows how many sources were scored).
+    ``only``: the mixture ids to separate (default: all); ``on_systems(mixture, systems)`` receives each
+    mixture's estimates ``(system, modality, [S, T])``; ``score=False`` skips the scoring (no rows).
     """
     bad = [m for m in query_modalities if m not in EVAL_MODALITIES]
     if bad:
@@ -190,7 +196,7 @@ def evaluate_separator(
     options = SeparateOptions()
     rows: list[dict[str, Any]] = []
     for mix in mixtures:
-        if mix.sources.shape[1] == 0:
+        if mix.sources.shape[1] == 0 or (only is not None and mix.mixture_id not in only):
             continue
         mixture = torch.from_numpy(mix.mixture)
         systems: list[tuple[str, str, torch.Tensor]] = []
@@ -210,7 +216,10 @@ def evaluate_separator(
                     f"({'no video frames' if modality == 'image' else 'no other clip of the same class in the split'})"
                 )
             systems.append(("model", modality, separate_waveform(model.model, mixture, torch.stack(vectors), options)))
-        rows += score_mixture(mix, systems, scorers, signal)
+        if on_systems is not None:
+            on_systems(mix, systems)
+        if score:
+            rows += score_mixture(mix, systems, scorers, signal)
         if on_mixture is not None:
             on_mixture(mix.mixture_id)
     return rows
@@ -325,13 +334,15 @@ def evaluate_model_on_dataset(
     judge: str | None = None,
     device: str | None = None,
     on_mixture: Callable[[str], None] | None = None,
+    html_max: int = DEFAULT_HTML_MAX,
 ) -> tuple[list[dict[str, Any]], dict[str, Path]]:
     """``marsctl eval --model M --data D [--judge SPEC]``: load, evaluate, write the report; returns (rows, paths).
 
     ``model_spec`` None uses the embedded default; ``dataset`` may be a Hub id; ``judge`` is any
     spec :func:`~marsctl.models.encoders.load_encoder` accepts (refused by :func:`check_judge`
     when it has the model's encoder's weights). Without it the report says that no independent
-    judge was given.
+    judge was given. ``report.html`` holds at most ``html_max`` of the mixtures (:mod:`marsctl.eval.html`),
+    separated again once chosen (the mode decode is deterministic) rather than all kept in memory.
     """
     from marsctl.models.encoders import load_encoder
     from marsctl.separate import load_model_and_encoder
@@ -362,7 +373,47 @@ def evaluate_model_on_dataset(
         meta["judge_note"] = NO_JUDGE_NOTE
     rows = evaluate_separator(model, encoder, data_dir, query_modalities, judge_encoder=judge_encoder, split=split, limit=limit,
                               on_mixture=on_mixture, reward_encoder=reward_encoder)
-    return rows, write_evaluation(rows, out_dir, meta)
+    paths = write_evaluation(rows, out_dir, meta)
+    report = as_report(rows, meta)
+    model_system = next((r.group["system"] for r in report.rows if r.group["query_modality"] != "-"), None)
+    chosen = choose_mixtures(mixture_scores(report, model_system), html_max)
+    captured: dict[str, tuple[TestMixture, list]] = {}
+    if chosen:
+        evaluate_separator(model, encoder, data_dir, query_modalities, split=split, limit=limit, only={m for m, _ in chosen},
+                           on_systems=lambda mix, systems: captured.__setitem__(mix.mixture_id, (mix, systems)), score=False)
+    listening = model_listening(report, [(m, reason, *captured[m]) for m, reason in chosen if m in captured], signal_rate(model))
+    paths["html"] = write_html_report(report, out_dir, listening, title=f"Evaluation of {model.directory} on {data_dir} ({split})")
+    return rows, paths
+
+
+def signal_rate(model: LoadedSeparator) -> int:
+    return model.model.config.signal.sample_rate
+
+
+def model_listening(report: EvalReport, chosen: Sequence[tuple[str, str, TestMixture, list[tuple[str, str, torch.Tensor]]]],
+                    sample_rate: int) -> list[ListeningMixture]:
+    """The page's clips of each chosen ``(id, reason, mixture, systems)``: per source its reference, every
+    estimate (the model per query modality, the IRM oracle) and the residual of the first model estimate."""
+    rows: dict[tuple[str, str], list[SourceScores]] = {}
+    for r in report.rows:
+        rows.setdefault((r.mixture, r.source), []).append(r)
+    out = []
+    for mixture_id, reason, mix, systems in chosen:
+        sources = []
+        for n, label in enumerate(mix.labels):
+            clips = [Clip("reference", mix.sources[n])]
+            residual = None
+            for system, modality, estimates in systems:
+                if system == "mixture":
+                    continue
+                name = system_name({"system": system, "query_modality": modality})
+                clips.append(Clip(f"estimate, {name}", estimates[n].numpy()))
+                if residual is None and modality != "-":
+                    residual = Clip(f"residual, {name}", mix.mixture - estimates[n].numpy())
+            clips += [residual] if residual is not None else []
+            sources.append(SourceClips(label, clips, rows.get((mixture_id, label), [])))
+        out.append(ListeningMixture(mixture_id, sample_rate, mix.mixture, sources, reason))
+    return out
 
 
 def count_test_mixtures(dataset: str | Path, split: str = "test", limit: int | None = None) -> int | None:

@@ -16,6 +16,8 @@ from marsctl.eval.report import EvalReport, GroupSummary, MetricSummary, score_n
 
 #: systems in display order; others after them
 SYSTEM_ORDER = {"mixture": 0, "model": 1, "oracle-irm": 2}
+#: widest name column (characters) before a name is folded over lines
+NAME_WIDTH = 18
 #: short column labels of the per-system tables
 #: (judge_score: the independent judge's text-audio score; reward_encoder_score: the model's own encoder's, not independent)
 SHORT_LABELS = {"sdr": "SDR", "sir": "SIR", "sar": "SAR", "si_sdr": "SI-SDR", "si_sdri": "SI-SDRi", "stft_distance": "STFT dist",
@@ -67,13 +69,15 @@ def markdown_summary(report: EvalReport, group_keys: Sequence[str] = ()) -> str:
 
 
 def summary_table(report: EvalReport, title: str = "Evaluation", group_key: str | None = None) -> Table:
-    """A rich table of mean ± SE per metric (one row overall, or one per group value)."""
+    """A rich table of mean ± SE per metric (one row overall, or one per group value); dB but the STFT distance."""
     table = _narrow_table(title)
-    table.add_column(group_key or "", style="bold", overflow="fold")
-    for label in report.metrics.values():
+    groups = [GroupSummary(("all",), len(report.rows), report.summary())] if group_key is None else sorted(report.grouped((group_key,)), key=lambda g: g.key)
+    # names are not cut ("acoustic-guitar"): as wide as the longest one, up to NAME_WIDTH, then folded
+    table.add_column(group_key or "", style="bold", overflow="fold", min_width=min(NAME_WIDTH, max(len(str(g.key[0])) for g in groups)))
+    for metric, label in report.metrics.items():
+        label = SHORT_LABELS.get(metric, label)  # short labels so that a table of all metrics fits 80 columns
         table.add_column(label, justify="right", overflow="fold", min_width=max(len(w) for w in label.split()))
     table.add_column("n", justify="right")
-    groups = [GroupSummary(("all",), len(report.rows), report.summary())] if group_key is None else sorted(report.grouped((group_key,)), key=lambda g: g.key)
     for group in groups:
         table.add_row(group.key[0], *(_stacked(cell(group.metrics[m], group.n)) for m in report.metrics), str(group.n))
     return table
@@ -124,8 +128,8 @@ def summary_rich_table(entries: Sequence[dict[str, Any]], title: str = "Evaluati
     metrics = [m for m in metrics if entries and f"{m}_mean" in entries[0]]
     table = _narrow_table(title)
     text_columns = [("system", "system"), ("query", "query_modality"), *([("class", "label")] if entries and "label" in entries[0] else [])]
-    for column, key in text_columns:  # names are not cut: as wide as the longest one (up to 16, then folded)
-        table.add_column(column, min_width=min(16, max([len(column)] + [len(str(e[key])) for e in entries])), overflow="fold")
+    for column, key in text_columns:  # names are not cut: as wide as the longest one (up to NAME_WIDTH, then folded)
+        table.add_column(column, min_width=min(NAME_WIDTH, max([len(column)] + [len(str(e[key])) for e in entries])), overflow="fold")
     table.add_column("n", justify="right")
     for metric in metrics:
         label = SHORT_LABELS[metric]
