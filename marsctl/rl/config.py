@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from marsctl.config import load_recipe, setting
+from marsctl.data.augment import AugmentConfig
 from marsctl.errors import ConfigError
 from marsctl.rl.advantages import DEFAULT_BASELINE_BETA, DEFAULT_EPS
 from marsctl.rl.losses import DEFAULT_CLIP_EPS, DEFAULT_ENTROPY_COEF, DEFAULT_KL_COEF, SURROGATES
@@ -93,9 +94,13 @@ class RLConfig(TrainingLoopConfig):
     val_mixtures: int = 32
     checkpoint_every: int = 100
     log_every: int = 1
+    #: augmentation of the training mixtures of a dataset (:mod:`marsctl.data.augment`); all off by default
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.queries and self.augment.enabled:
+            raise ConfigError("augment: applies to the mixtures drawn from a dataset; train rl --queries trains on a folder's own mixtures")
         if isinstance(self.rewards, Mapping):
             object.__setattr__(self, "rewards", RewardConfig.from_recipe(self.rewards))
         elif not isinstance(self.rewards, RewardConfig):

@@ -182,7 +182,9 @@ def _train(task, config, run_dir: Path, ctx: DistributedContext, resume, progres
     if own_data is not None:
         base, val_set, collate_items = own_data(ctx.is_main)
     else:
-        base, collate_items = mixing_dataset(dataset_dir, "train", task.signal, config.num_sources, seed=config.seed), collate
+        # the recipe's augment section changes the training mixtures only (never val_set's)
+        augment = getattr(config, "augment", None)
+        base, collate_items = mixing_dataset(dataset_dir, "train", task.signal, config.num_sources, seed=config.seed, augment=augment), collate
         val_set = fixed_mixtures(dataset_dir, config.val_split, task.signal, config.val_mixtures, config.num_sources) if ctx.is_main else []
     dataset = EpochIndexedDataset(base)
     sampler = StepBatchSampler(len(dataset), config.batch_size, config.seed, start_step, config.max_steps, ctx.rank, ctx.world_size)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from marsctl.config import SignalConfig, load_recipe, to_mapping
+from marsctl.data.augment import AugmentConfig
 from marsctl.data.manifest import training_labels
 from marsctl.errors import MarsctlError
 from marsctl.models.encoder_base import QueryEncoder
@@ -70,6 +71,9 @@ class SupervisedConfig(TrainingLoopConfig):
     #: warm start: separator weights to start from (``default``, a run directory or a Hub id);
     #: its architecture and query size must match this recipe's. Empty = random init.
     init_model: str = ""
+    #: augmentation of the training mixtures (simulated rooms, gain, EQ, time shift, SNR range;
+    #: :mod:`marsctl.data.augment`); all off by default
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
 
     def separator_config(self, query_dim: int) -> SeparatorConfig:
         return SeparatorConfig(query_dim=query_dim, signal=self.signal, **to_mapping(self.architecture))
