@@ -9,6 +9,9 @@ Two recipes (``mix.mode``):
   ``mix.snr_db_range``. If the sum would clip, everything is scaled down together.
 
 Sources are saved *as they sit in the mix* (after gains), so ``mixture = sum(sources)``.
+Training mixtures (``DynamicMixDataset(augment=...)``, the training recipes' ``augment:``) may
+also pass every source through simulated rooms, gain, EQ and time shifts first
+(:mod:`marsctl.data.augment`); the fixed mixtures never do.
 A mixture draws ``num_sources`` distinct labels, one kept clip of each, and a random
 window of ``signal.segment_samples`` samples from each clip (zero-padded if shorter).
 Fixed mixture ``i`` of split ``s`` is drawn from a generator seeded by ``(mix.seed, s, i)``,
@@ -43,6 +46,7 @@ from torch.utils.data import Dataset
 
 from marsctl.audio import load_audio, save_audio
 from marsctl.config import SignalConfig
+from marsctl.data.augment import AugmentConfig, SourceAugmenter
 from marsctl.data.manifest import CARD_FILE, SPLITS, load_clips, write_mixtures
 from marsctl.data.paths import inside, label_dirname
 from marsctl.progress import stage_progress
@@ -168,10 +172,13 @@ def draw_mixture(
     num_sources: int,
     lengths: dict[str, int] | None = None,
     balance: str = "class",
+    augment: SourceAugmenter | None = None,
 ) -> dict[str, Any]:
     """One random mixture: distinct labels, one clip each, a window each, gains by ``mix.mode``.
 
-    Labels follow ``mix.pairing`` and ``balance`` (see :func:`choose_labels`).
+    Labels follow ``mix.pairing`` and ``balance`` (see :func:`choose_labels`). ``augment`` (training
+    mixtures only) changes each window before the gains (:mod:`marsctl.data.augment`); it draws from
+    children of ``rng``, so the labels, clips, windows and SNR drawn are the same with it or without.
     """
     labels = list(pool)
     if len(labels) < num_sources:
@@ -192,6 +199,8 @@ def draw_mixture(
         offset = int(rng.integers(0, max(0, n - T) + 1))
         offsets.append(offset)
         waves.append(read_window(path, offset, T, signal.sample_rate))
+    if augment is not None and augment.config.per_source:
+        waves = augment(rng, waves)
     gains = [signal.mix_source_gain] * num_sources
     snr_db = None
     if mix.mode == "snr" and num_sources > 1:
@@ -320,6 +329,11 @@ class DynamicMixDataset(Dataset):
     draws classes in proportion to their clips. ``pairing`` (``{within: p, across: q}``, see
     the module docstring) defaults to the ``mix.pairing`` of the recipe in the dataset's card,
     so a union dataset trains with the pair types it is evaluated on; ``{}`` switches it off.
+
+    ``augment`` (:class:`~marsctl.data.augment.AugmentConfig`, training only) adds simulated rooms,
+    gain, EQ and time shifts to every source, and its ``snr_db_range`` (when set) replaces ``mode``
+    and ``snr_db_range`` with ``snr`` mixing over that range; ``None`` or all off draws exactly the
+    mixtures drawn without it. The room bank is loaded (or simulated and cached) here, once.
     """
 
     def __init__(
@@ -335,6 +349,7 @@ class DynamicMixDataset(Dataset):
         length: int | None = None,
         balance: str = "class",
         pairing: dict[str, float] | None = None,
+        augment: AugmentConfig | None = None,
     ) -> None:
         if balance not in ("class", "clip"):
             raise MarsctlError(f"DynamicMixDataset: balance must be 'class' or 'clip', got {balance!r}")
@@ -347,6 +362,8 @@ class DynamicMixDataset(Dataset):
         self.balance = balance
         if pairing is None:
             pairing = card_pairing(self.dataset_dir)
+        if augment is not None and augment.snr_db_range:
+            mode, snr_db_range = "snr", augment.snr_db_range
         self.mix = MixConfig(num_sources=num_sources, mode=mode, snr_db_range=list(snr_db_range), pairing=dict(pairing))
         clips = load_clips(self.dataset_dir, kept_only=True, split=split)
         self.pool = _pool_by_label(clips)
@@ -357,6 +374,7 @@ class DynamicMixDataset(Dataset):
             )
         self.length = int(length) if length is not None else len(clips)
         self._lengths: dict[str, int] = {}
+        self.augment = SourceAugmenter(augment, self.signal.sample_rate) if augment is not None and augment.per_source else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -372,7 +390,8 @@ class DynamicMixDataset(Dataset):
         if not 0 <= index < self.length:
             raise IndexError(index)
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        drawn = draw_mixture(rng, self.pool, self.dataset_dir, self.signal, self.mix, self.num_sources, self._lengths, self.balance)
+        drawn = draw_mixture(rng, self.pool, self.dataset_dir, self.signal, self.mix, self.num_sources, self._lengths, self.balance,
+                             self.augment)
         root = self.dataset_dir.resolve()
         return {
             "mixture": torch.from_numpy(drawn["mixture"]),

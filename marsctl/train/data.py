@@ -4,7 +4,9 @@ Training batches come from the data layer's dynamic mixing Dataset
 (``marsctl.data.mixing.DynamicMixDataset``): items ``{"mixture": [T], "sources": [S, T]
 (as in the mix), "labels", "clip_ids", "frame_paths"}``. The order in which items are
 drawn is a pure function of ``(seed, step, rank)`` (:class:`StepBatchSampler`), so a
-resumed run sees exactly the batches the uninterrupted run would have seen.
+resumed run sees exactly the batches the uninterrupted run would have seen. The recipe's
+``augment`` section (:mod:`marsctl.data.augment`) changes the training mixtures only; every
+augmentation draws from the item's own seeded generator, so augmented items are as reproducible.
 
 Validation uses the dataset's fixed mixtures of the validation split
 (``manifests/mixtures.parquet``); a dataset without fixed validation mixtures is
@@ -23,17 +25,20 @@ from torch.utils.data import Dataset, Sampler
 
 from marsctl.audio import load_audio
 from marsctl.config import SignalConfig
+from marsctl.data.augment import AugmentConfig
 from marsctl.errors import MarsctlError
 
 #: seed offset of the fixed validation mixtures drawn from val clips (never the training seed)
 VALIDATION_SEED = 1_000_003
 
 
-def mixing_dataset(dataset_dir: str | Path, split: str, signal: SignalConfig, num_sources: int, seed: int) -> Dataset:
-    """The data layer's dynamic-mixing Dataset of ``split`` (:class:`marsctl.data.mixing.DynamicMixDataset`)."""
+def mixing_dataset(dataset_dir: str | Path, split: str, signal: SignalConfig, num_sources: int, seed: int,
+                   augment: AugmentConfig | None = None) -> Dataset:
+    """The data layer's dynamic-mixing Dataset of ``split`` (:class:`marsctl.data.mixing.DynamicMixDataset`),
+    with the recipe's ``augment`` section for the training split (never for validation mixtures)."""
     from marsctl.data.mixing import DynamicMixDataset
 
-    return DynamicMixDataset(dataset_dir, split, signal, num_sources=num_sources, seed=seed)
+    return DynamicMixDataset(dataset_dir, split, signal, num_sources=num_sources, seed=seed, augment=augment)
 
 
 class EpochIndexedDataset(Dataset):
