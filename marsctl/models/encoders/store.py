@@ -9,6 +9,8 @@
 - ``default``: the aligned encoder shipped with the default separator (its query and reward encoder);
 - ``laion-clap:NAME`` (``630k-audioset``, ``630k``, ``music_speech_audioset``,
   ``music_audioset``, ``music_speech``) or ``laion-clap:/path/to/checkpoint.pt``;
+- ``imagebind:huge`` (ImageBind's text, audio and vision towers; the official checkpoint, downloaded
+  once into ``~/.cache/marsctl/imagebind``), ``imagebind:/path/to/imagebind_huge.pth`` or ``imagebind:URL``;
 - a Hub id ``org/name[@rev]`` of a saved encoder, through ``marsctl.hub.resolve_artifact``
   when the hub module is installed.
 
@@ -41,8 +43,13 @@ FORMAT_VERSION = 1
 def _encoder_classes() -> dict[str, Any]:
     from marsctl.models.encoders.builtin import BuiltinEncoder
     from marsctl.models.encoders.clap import ClapEncoder
+    from marsctl.models.encoders.imagebind import ImageBindEncoder
 
-    return {BuiltinEncoder.encoder_type: BuiltinEncoder, ClapEncoder.encoder_type: ClapEncoder}
+    return {
+        BuiltinEncoder.encoder_type: BuiltinEncoder,
+        ClapEncoder.encoder_type: ClapEncoder,
+        ImageBindEncoder.encoder_type: ImageBindEncoder,
+    }
 
 
 def build_encoder(encoder_type: str, config: dict[str, Any], where: str = "config") -> ProjectedEncoder:
@@ -86,6 +93,12 @@ def load_encoder(
         from marsctl.models.encoders.clap import ClapEncoder, ClapEncoderConfig
 
         encoder = ClapEncoder(ClapEncoderConfig(checkpoint=spec_str.split(":", 1)[1], image=image))
+    elif spec_str.startswith("imagebind:"):
+        from marsctl.models.encoders.imagebind import ImageBindEncoder, ImageBindEncoderConfig
+
+        if image_model:
+            raise MarsctlError(f"{spec_str}: ImageBind has its own vision tower; image_model applies to built-in names only")
+        encoder = ImageBindEncoder(ImageBindEncoderConfig(checkpoint=spec_str.split(":", 1)[1]))
     elif "/" in spec_str and not spec_str.startswith((".", "/", "~")):
         try:
             from marsctl.hub import resolve_artifact  # type: ignore[attr-defined]
@@ -94,7 +107,8 @@ def load_encoder(
         encoder = _load_directory(Path(resolve_artifact(spec_str, "model")))
     else:
         raise MarsctlError(
-            f"{spec_str}: not an encoder directory, 'builtin', 'aisfx', 'default', 'laion-clap:NAME' or 'laion-clap:PATH'"
+            f"{spec_str}: not an encoder directory, 'builtin', 'aisfx', 'default', 'laion-clap:NAME', 'laion-clap:PATH', "
+            "'imagebind:huge' or 'imagebind:PATH'"
         )
     encoder.requires_grad_(False)
     return encoder.to(device).eval()
