@@ -160,7 +160,7 @@ def _separate_stream(paths, out: Path, *, query, query_audio, query_image, span,
 
     timing = report.timing
     console.print(f"wrote {report.seconds:.2f} s to {current} and {refined}" + (" (stopped on request)" if report.stopped else ""), highlight=False)
-    console.print(f"compute {report.real_time_factor:.3f} s per second of input; slowest pass {timing.worst * 1000:.0f} ms "
+    console.print(f"compute {report.real_time_factor:.3f} s ({report.cpu_real_time_factor:.3f} s of CPU) per second of input; slowest pass {timing.worst * 1000:.0f} ms "
                   f"({timing.cpu_worst * 1000:.0f} ms of CPU) of a {live.hop * 1000:.0f} ms hop"
                   + (f"; {timing.late} of {timing.hops} passes took longer than a hop" if timing.late else ""), highlight=False)
     if report.error:

@@ -73,8 +73,13 @@ class StreamReport:
 
     @property
     def real_time_factor(self) -> float:
-        """Compute seconds per second of input (below 1: faster than real time)."""
+        """Wall-clock compute seconds per second of input (below 1: faster than real time)."""
         return self.timing.total / self.seconds if self.seconds else 0.0
+
+    @property
+    def cpu_real_time_factor(self) -> float:
+        """CPU seconds per second of input (what the separation cost, whatever else the machine ran)."""
+        return self.timing.cpu_total / self.seconds if self.seconds else 0.0
 
 
 def stream_paths(out_dir: Path, stem: str, query_stem: str) -> tuple[Path, Path]:
