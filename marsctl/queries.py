@@ -12,7 +12,10 @@ A source is queried by its class label (text), by audio of its class, or by a vi
   same class in the split, the first in manifest order, never the source itself), ``image`` (the
   source's first frame) or ``omni`` (those of the three that exist, fused with equal weights).
 
-Embeddings are cached on the CPU, in float32, and computed without gradients.
+Embeddings are computed without gradients, in float32. Those of :meth:`QueryBuilder.source` are
+cached on the CPU; :meth:`QueryBuilder.batch` stays on the encoder's device (no round trip through
+the host) and decodes and embeds each frame once, one at a time (an image's query does not depend
+on the rest of the batch, so a resumed run's equals an uninterrupted run's), then reuses it.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class QueryBuilder:
         self.modalities, self.mixup, self.split = tuple(modalities), mixup, split
         self._text_cache: dict[str, torch.Tensor] = {}
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
+        self._frame_cache: dict[str, torch.Tensor] = {}  # first frame -> its embedding, on the encoder's device
         self._clips_by_label: dict[str, list[tuple[str, str]]] | None = None
 
     # --- one embedding per modality ------------------------------------------------------
@@ -69,15 +73,19 @@ class QueryBuilder:
         return torch.stack([self._text_cache[label] for label in labels])
 
     @torch.no_grad()
-    def images(self, frame_paths: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first frame of each source (``[N, 3, 224, 224]`` in [0, 1]) and a mask of the sources that have one."""
-        from marsctl.separate.queries import load_image  # the one image reader (errors name the file)
+    def frame_embeddings(self, frame_paths: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[N, D]`` embeddings of each source's first frame on the encoder's device (zeros without
+        one) and a CPU mask of the sources that have one; each frame decoded and embedded once."""
+        from marsctl.separate.queries import load_image
 
-        images, has = [], []
+        device = self.encoder.device
         for paths in frame_paths:
-            images.append(load_image(self.root / paths[0]) if paths else torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE))
-            has.append(bool(paths))
-        return torch.stack(images), torch.tensor(has)
+            if paths and paths[0] not in self._frame_cache:
+                image = load_image(self.root / paths[0])[None].to(device)
+                self._frame_cache[paths[0]] = self.encoder.embed_image(image)[0].float()
+        zeros = torch.zeros(self.encoder.embedding_dim, device=device)
+        embeddings = torch.stack([self._frame_cache[paths[0]] if paths else zeros for paths in frame_paths])
+        return embeddings, torch.tensor([bool(paths) for paths in frame_paths])
 
     @torch.no_grad()
     def image(self, frame_paths: Sequence[str]) -> torch.Tensor | None:
@@ -131,24 +139,22 @@ class QueryBuilder:
     @torch.no_grad()
     def batch(self, batch: dict[str, Any], generator: torch.Generator | None) -> torch.Tensor:
         """``[B, S, D]`` queries of every source of a training batch (``labels``, ``sources``,
-        ``frame_paths`` as collated by :func:`marsctl.train.data.collate`)."""
+        ``frame_paths`` as collated by :func:`marsctl.train.data.collate`), on the encoder's device."""
         labels = [label for item in batch["labels"] for label in item]
         n = len(labels)
+        device = self.encoder.device
         embeddings: dict[str, torch.Tensor] = {}
         available: dict[str, torch.Tensor] = {}
         for modality in self.modalities:
             if modality == "text":
-                embeddings["text"] = self.text(labels)
+                embeddings["text"] = self.text(labels).to(device, non_blocking=True)
             elif modality == "audio":
                 sources = batch["sources"].reshape(n, -1)
-                embeddings["audio"] = self.encoder.embed_audio(sources.to(self.encoder.device), self.sample_rate).float().cpu()
+                embeddings["audio"] = self.encoder.embed_audio(sources.to(device, non_blocking=True), self.sample_rate).float()
             elif modality == "image":
                 frames = [p for item, item_labels in zip(batch["frame_paths"], batch["labels"]) for p in (item or [[]] * len(item_labels))]
-                images, has = self.images(frames)
-                if has.any():
-                    embedding = torch.zeros(n, self.encoder.embedding_dim)
-                    embedding[has] = self.encoder.embed_image(images[has].to(self.encoder.device)).float().cpu()
-                    embeddings["image"] = embedding
+                if any(frames):
+                    embeddings["image"], has = self.frame_embeddings(frames)
                     available["image"] = has.float()
         if self.mixup and len(embeddings) > 1:
             weights = query_mixup_weights(n, list(embeddings), generator)  # Query-Mixup: random, sum 1

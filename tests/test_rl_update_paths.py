@@ -3,8 +3,9 @@
 * rl_update analyses the mixtures once and runs the bare policy and the reference from that
   analysis; a wrapped model (as under DDP) goes through ``forward()``, which analyses them again.
   Both must give the same update, bit for bit.
-* ``diagnostics=False`` (the trainer's unlogged steps) skips the score-function estimator's
-  forward pass after the update, and with it only ``after_update``.
+* ``diagnostics=False`` (the trainer's unlogged steps) skips the statistics (the loss diagnostics
+  and the score-function estimator's forward pass after the update, ``after_update``) and
+  nothing else: the same parameters.
 """
 
 from __future__ import annotations
@@ -92,4 +93,7 @@ def test_unlogged_steps_skip_only_the_diagnostics():
     assert {"clip_fraction", "kl_old_new"} <= set(logged_updates[0].after_update)
     for name, value in logged.state_dict().items():
         assert torch.equal(value, quiet.state_dict()[name]), name
-    assert [u.epoch_stats for u in logged_updates] == [u.epoch_stats for u in quiet_updates]
+    assert all(len(u.epoch_stats) == 2 and all(u.epoch_stats) for u in logged_updates)
+    assert [[set(stats) for stats in u.epoch_stats] for u in quiet_updates] == [[{"grad_norm"}] * 2] * 3  # no statistics
+    assert [[stats["grad_norm"] for stats in u.epoch_stats] for u in quiet_updates] == \
+        [[stats["grad_norm"] for stats in u.epoch_stats] for u in logged_updates]

@@ -58,11 +58,12 @@ def sup(
         return config
 
     def train(config) -> dict:
-        result = train_supervised(config, out, device=launch_options["device"], resume=launch_options["resume"])
+        result = train_supervised(config, out, device=launch_options["device"], resume=launch_options["resume"],
+                                  log=lambda message: console.print(message, highlight=False))
         if result.best_si_sdri is not None:
-            console.print(f"done: step {result.step}, best validation SI-SDRi {result.best_si_sdri:.2f} dB; model in {out}")
+            say(f"done: step {result.step}, best validation SI-SDRi {result.best_si_sdri:.2f} dB; model in {out}")
         else:
-            console.print(f"done: step {result.step}; model in {out}")
+            say(f"done: step {result.step}; model in {out}")
         return {"step": result.step, "best_val_si_sdri_db": result.best_si_sdri}
 
     def identity(config) -> tuple[dict, dict]:
@@ -145,12 +146,12 @@ def rl(
                           log=lambda message: console.print(message, highlight=False))
         final = next((h for h in reversed(result.history) if "val_reward" in h), None)
         if final is not None and "val_si_sdri" not in final:  # a plain folder (--queries): no references, no SI-SDRi
-            console.print(f"done: step {result.step}, validation reward {final['val_reward']:.4f} on held-out files; model in {out}")
+            say(f"done: step {result.step}, validation reward {final['val_reward']:.4f} on held-out files; model in {out}")
             return {"step": result.step, "val_reward": final["val_reward"]}
         if final is not None:
-            console.print(f"done: step {result.step}, validation reward {final['val_reward']:.4f}, SI-SDRi {final['val_si_sdri']:.2f} dB; model in {out}")
+            say(f"done: step {result.step}, validation reward {final['val_reward']:.4f}, SI-SDRi {final['val_si_sdri']:.2f} dB; model in {out}")
             return {"step": result.step, "val_reward": final["val_reward"], "val_si_sdri_db": final["val_si_sdri"]}
-        console.print(f"done: step {result.step}; model in {out}")
+        say(f"done: step {result.step}; model in {out}")
         return {"step": result.step}
 
     def identity(config) -> tuple[dict, dict]:
@@ -168,6 +169,14 @@ def rl(
              stage="train.rl", kind="rl-policy", reused_what="the policy fine-tuned with the same config and inputs")
 
 
+def say(message: str) -> None:
+    """The final line of a training command: printed by rank 0 only (the others' history is not the run's)."""
+    from marsctl.train.distributed import process_rank
+
+    if process_rank() == 0:
+        console.print(message, highlight=False)
+
+
 def _run(command: list[str], launch_options: dict[str, Any], out: Path, recipe: Optional[Path], options: dict[str, Any],
          flags: dict[str, str], load: Callable, train: Callable, identity: Callable, **stage: Any) -> None:
     """Run a training command: here, or re-launched under torchrun (``--gpus/--procs/--nnodes``); with
@@ -178,6 +187,9 @@ def _run(command: list[str], launch_options: dict[str, Any], out: Path, recipe: 
     device, resume, num_workers = launch_options["device"], launch_options["resume"], launch_options["num_workers"]
     hub = {"push_to": launch_options["push_to"], "reuse": launch_options["reuse"], **stage}
     if launch.relaunch_needed():
+        from marsctl.train.distributed import check_cuda
+
+        check_cuda(device or ("cuda" if launch.gpus > 1 else None), launch.gpus)  # one line, before torchrun starts
         given = [("--recipe", recipe), *((flags[k], v) for k, v in options.items()), ("--num-workers", num_workers)]
         child = launch.child_command([*command, "--out", str(out)], given, device, resume)
         if launch.node_rank == 0:
@@ -185,6 +197,9 @@ def _run(command: list[str], launch_options: dict[str, Any], out: Path, recipe: 
         else:
             launch.run(child)
         return
+    from marsctl.train.distributed import check_cuda
+
+    check_cuda(device)
     config = load({**options, "num_workers": num_workers})
     if under_torchrun():  # one rank of a distributed run: the launching process does the rest
         train(config)

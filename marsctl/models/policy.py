@@ -111,7 +111,8 @@ class BetaMaskPolicy:
         Uses the global torch RNG of the policy's device; wrap in
         ``torch.random.fork_rng`` + ``torch.manual_seed`` for reproducible draws.
         """
-        dist = torch.distributions.Beta(self.alpha.detach(), self.beta.detach())
+        # validate_args=False: alpha, beta >= 1 by construction, and the check is a host sync per draw
+        dist = torch.distributions.Beta(self.alpha.detach(), self.beta.detach(), validate_args=False)
         size = torch.Size() if num_samples is None else torch.Size([num_samples])
         return dist.sample(size).clamp(0.0, 1.0)
 
@@ -127,8 +128,9 @@ class BetaMaskPolicy:
         noise per bin), whose backward, ``_dirichlet_grad``, was 3-7x slower on a CPU than the two Gamma
         gradients (BENCHMARKS.md section 12.4)."""
         size = torch.Size([num_samples])
-        gamma_alpha = torch.distributions.Gamma(self.alpha, 1.0).rsample(size)  # G_a ~ Gamma(alpha, 1)
-        gamma_beta = torch.distributions.Gamma(self.beta, 1.0).rsample(size)  # G_b ~ Gamma(beta, 1)
+        # validate_args=False: the parameters are >= 1 by construction, and the check is a host sync per draw
+        gamma_alpha = torch.distributions.Gamma(self.alpha, 1.0, validate_args=False).rsample(size)  # G_a ~ Gamma(alpha, 1)
+        gamma_beta = torch.distributions.Gamma(self.beta, 1.0, validate_args=False).rsample(size)  # G_b ~ Gamma(beta, 1)
         return (gamma_alpha / (gamma_alpha + gamma_beta)).clamp(MASK_EPS, 1.0 - MASK_EPS)  # M ~ Beta(alpha, beta)
 
     def detach(self) -> "BetaMaskPolicy":

@@ -59,8 +59,14 @@ class PolicyLoss:
     surrogate: torch.Tensor
     entropy: torch.Tensor
     kl_ref: torch.Tensor
-    #: diagnostics (floats, no graph)
-    stats: dict[str, float]
+    #: diagnostics as 0-d tensors on the loss's device, no graph (the trainer copies them to the host
+    #: together, on logged steps); empty when not asked for
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """The diagnostics as floats (one host sync each)."""
+        return {k: float(v) for k, v in self.tensors.items()}
 
 
 def bin_averaged_ratio(new_log_prob: torch.Tensor, old_log_prob: torch.Tensor, bin_dims: int = 2, segments: int | None = None) -> torch.Tensor:
@@ -107,6 +113,7 @@ def pathwise_loss(
     rewards: torch.Tensor,
     entropy_coef: float = DEFAULT_ENTROPY_COEF,
     kl_coef: float = DEFAULT_KL_COEF,
+    stats: bool = True,
 ) -> PolicyLoss:
     """The pathwise (reparameterized) objective: rewards ``[G, ...]`` of masks drawn with
     :meth:`BetaMaskPolicy.rsample` carry the graph back to theta, so no ratio or advantage is needed::
@@ -114,14 +121,17 @@ def pathwise_loss(
         L = -mean_{g,b} R(M_g(theta)) - lambda_H H(pi_theta) + lambda_KL KL(pi_theta || pi_ref)
 
     Same expected objective as the surrogate (E_{M ~ pi_theta} R), another gradient estimator.
-    No ratio, so no clip fraction or ratio diagnostics."""
+    No ratio, so no clip fraction or ratio diagnostics. ``stats=False`` (unlogged steps) returns none."""
     mean_reward = rewards.mean()
     entropy = policy_entropy(policy, entropy_coef)  # H(pi_theta), mean per bin
     kl_ref = policy.kl_divergence(reference).mean() if reference is not None else torch.zeros((), device=rewards.device)
     loss = -mean_reward - entropy_coef * entropy + kl_coef * kl_ref  # L = -mean R - lambda_H H + lambda_KL KL_ref
-    stats = {"loss": float(loss.detach()), "surrogate": float(-mean_reward.detach()), "entropy": float(entropy.detach()),
-             "kl_ref": float(kl_ref.detach())}
-    return PolicyLoss(loss=loss, surrogate=-mean_reward, entropy=entropy, kl_ref=kl_ref, stats=stats)
+    diagnostics = _loss_stats(loss, -mean_reward, entropy, kl_ref) if stats else {}
+    return PolicyLoss(loss=loss, surrogate=-mean_reward, entropy=entropy, kl_ref=kl_ref, tensors=diagnostics)
+
+
+def _loss_stats(loss: torch.Tensor, surrogate: torch.Tensor, entropy: torch.Tensor, kl_ref: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"loss": loss.detach(), "surrogate": surrogate.detach(), "entropy": entropy.detach(), "kl_ref": kl_ref.detach()}
 
 
 def policy_loss(
@@ -135,6 +145,7 @@ def policy_loss(
     kl_coef: float = DEFAULT_KL_COEF,
     old_log_prob: torch.Tensor | None = None,
     surrogate: str = "bin_mean",
+    stats: bool = True,
 ) -> PolicyLoss:
     """The loss of the module docstring (``surrogate``: "bin_mean", the paper's, or "per_bin").
 
@@ -142,6 +153,7 @@ def policy_loss(
     ``[G, B, F, T]`` samples drawn from ``old_policy``; ``advantages`` are ``[G, B]``, or
     ``[G, B, K]`` for K consecutive segments of the frame axis T.
     ``old_log_prob`` (``[G, B, F, T]``) may be passed to skip recomputing it every epoch.
+    ``stats=False`` (unlogged steps) skips the diagnostics: no closed-form KL to pi_old, no ratio range.
     """
     if masks.ndim != policy.probs.ndim + 1 or advantages.shape[:2] != masks.shape[:2] or advantages.ndim not in (2, 3):
         raise ValueError(f"expected masks [G, *policy shape] and advantages [G, B] or [G, B, K]; got {tuple(masks.shape)} and {tuple(advantages.shape)}")
@@ -167,14 +179,20 @@ def policy_loss(
     kl_ref = policy.kl_divergence(reference).mean() if reference is not None else torch.zeros((), device=masks.device)
     loss = clipped_term - entropy_coef * entropy + kl_coef * kl_ref  # L = L_clip - lambda_H H + lambda_KL KL_ref
 
-    stats = {"loss": float(loss.detach()), "surrogate": float(clipped_term.detach()), "entropy": float(entropy.detach()),
-             "kl_ref": float(kl_ref.detach()),
-             **ratio_diagnostics(policy, old_policy, new_log_prob, old_log_prob, clip_eps, surrogate, segments)}
-    return PolicyLoss(loss=loss, surrogate=clipped_term, entropy=entropy, kl_ref=kl_ref, stats=stats)
+    diagnostics = {} if not stats else {
+        **_loss_stats(loss, clipped_term, entropy, kl_ref),
+        **ratio_statistics(policy, old_policy, new_log_prob, old_log_prob, clip_eps, surrogate, segments),
+    }
+    return PolicyLoss(loss=loss, surrogate=clipped_term, entropy=entropy, kl_ref=kl_ref, tensors=diagnostics)
+
+
+def ratio_diagnostics(*args, **kwargs) -> dict[str, float]:
+    """:func:`ratio_statistics` as floats."""
+    return {k: float(v) for k, v in ratio_statistics(*args, **kwargs).items()}
 
 
 @torch.no_grad()
-def ratio_diagnostics(
+def ratio_statistics(
     policy: BetaMaskPolicy,
     old_policy: BetaMaskPolicy,
     new_log_prob: torch.Tensor,
@@ -182,8 +200,8 @@ def ratio_diagnostics(
     clip_eps: float = DEFAULT_CLIP_EPS,
     surrogate: str = "bin_mean",
     segments: int | None = None,
-) -> dict[str, float]:
-    """How far pi_theta is from pi_old on the sampled masks (log-probabilities ``[G, B, F, T]``).
+) -> dict[str, torch.Tensor]:
+    """How far pi_theta is from pi_old on the sampled masks (log-probabilities ``[G, B, F, T]``), as 0-d tensors.
 
     ``clip_fraction``: the share of what the surrogate clips whose ratio lies outside 1 +- eps (the
     bin-averaged ratios r of each sample, or segment, for bin_mean; every bin's rho for per_bin);
@@ -194,9 +212,9 @@ def ratio_diagnostics(
     ratio = bin_averaged_ratio(new_log_prob.detach(), old_log_prob.detach(), bin_dims, segments)  # r
     clipped = ratio if surrogate == "bin_mean" else torch.exp(log_rho)
     return {
-        "clip_fraction": float(((clipped - 1.0).abs() > clip_eps).float().mean()),
-        "ratio_min": float(ratio.min()),
-        "ratio_max": float(ratio.max()),
-        "kl_old_new": float(old_policy.detach().kl_divergence(policy.detach()).mean()),  # KL(pi_old || pi_theta)
-        "kl_old_new_k3": float(((torch.exp(log_rho) - 1) - log_rho).mean()),  # E_old[(rho - 1) - log rho]
+        "clip_fraction": ((clipped - 1.0).abs() > clip_eps).float().mean(),
+        "ratio_min": ratio.min(),
+        "ratio_max": ratio.max(),
+        "kl_old_new": old_policy.detach().kl_divergence(policy.detach()).mean(),  # KL(pi_old || pi_theta)
+        "kl_old_new_k3": ((torch.exp(log_rho) - 1) - log_rho).mean(),  # E_old[(rho - 1) - log rho]
     }

@@ -124,6 +124,28 @@ class RewardModel:
         return total, terms, source
 
 
+class Stopwatch:
+    """Seconds of one ``with`` block (:func:`measured`)."""
+
+    seconds: float = 0.0
+
+
+@contextlib.contextmanager
+def measured(device: torch.device, synchronized: bool = True):
+    """Time the block; ``synchronized``: synchronize a CUDA ``device`` before and after, so that the
+    seconds are the GPU's (unlogged steps skip it: on a GPU the seconds are then only the time to
+    queue the work)."""
+    watch = Stopwatch()
+    sync = synchronized and device.type == "cuda"
+    if sync:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    yield watch
+    if sync:
+        torch.cuda.synchronize(device)
+    watch.seconds = time.perf_counter() - start
+
+
 class PhaseTimer:
     """Wall-clock seconds per named phase (CUDA-synchronized), for benchmarks; disabled = free."""
 
@@ -157,24 +179,21 @@ def rollout(
     targets: torch.Tensor | None,
     timer: PhaseTimer | None = None,
     all_terms: bool = False,
+    timed: bool = True,
 ) -> Rollout:
     """Sample G masks per mixture from ``policy`` (``[B, F, T]``), separate and score them
-    (``all_terms``: also the weight-0 reward terms, for logging)."""
+    (``all_terms``: also the weight-0 reward terms, for logging). ``timed``: synchronize a GPU around
+    the reward so that ``reward_seconds`` is its time (else no sync, and the time to queue it)."""
     timer = timer or PhaseTimer(mixtures.device, enabled=False)
     with torch.no_grad():
         with timer("sample"):
             masks = policy.detach().sample(group_size)  # M_{g,b} ~ pi_old
         with timer("synthesize"):
             estimates = model.synthesize(masks, mixture_stft, mixtures.shape[-1])  # y = iSTFT(warp^-1(M) X)
-        if estimates.device.type == "cuda":
-            torch.cuda.synchronize(estimates.device)
-        start = time.perf_counter()
-        mixture_power = mixture_stft.abs().square()
-        rewards, terms, source = reward_model.score(estimates, mixtures, labels, queries, targets, mixture_power, all_terms)
-        if rewards.device.type == "cuda":
-            torch.cuda.synchronize(rewards.device)
-        seconds = time.perf_counter() - start
-    return Rollout(masks=masks, estimates=estimates, rewards=rewards, terms=terms, reward_seconds=seconds, anchor_source=source)
+        with measured(estimates.device, timed) as reward_time:
+            mixture_power = mixture_stft.abs().square()
+            rewards, terms, source = reward_model.score(estimates, mixtures, labels, queries, targets, mixture_power, all_terms)
+    return Rollout(masks=masks, estimates=estimates, rewards=rewards, terms=terms, reward_seconds=reward_time.seconds, anchor_source=source)
 
 
 @torch.no_grad()

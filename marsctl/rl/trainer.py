@@ -35,13 +35,13 @@ from marsctl.errors import MarsctlError
 from marsctl.models.encoder_base import QueryEncoder
 from marsctl.models.separator import Separator, load_separator, save_separator
 from marsctl.queries import QueryBuilder
-from marsctl.rl.advantages import MovingAverageBaseline, zero_spread_fraction
+from marsctl.rl.advantages import MovingAverageBaseline
 from marsctl.rl.config import ESTIMATOR_SUMMARY, RESUME_KEYS, RLConfig, load_rl_config
 from marsctl.rl.judge import FLAG_KEY, RLJudge, SiSdriWitness
 from marsctl.rl.rewards import reward_functions
 from marsctl.rl.rollout import RewardModel, validation_reward
 from marsctl.rl.update import rl_update
-from marsctl.train.distributed import DistributedContext
+from marsctl.train.distributed import DistributedContext, bf16_autocast
 from marsctl.train.loop import Scores, require_dataset, run_training, step_seed
 from marsctl.train.safety import check_finite_step
 from marsctl.train.validation import mode_estimates, validation_si_sdri
@@ -78,7 +78,7 @@ class RLTask:
         self.kappa = float(config.kappa) if config.kappa is not None else model.config.kappa
         self.queries = QueryBuilder(encoder, dataset_dir, self.signal.sample_rate, config.query_modalities, config.query_mixup)
         self.baseline = MovingAverageBaseline(config.baseline_beta) if config.baseline == "moving_average" else None
-        self.use_bf16 = config.bf16 and ctx.device.type == "cuda"
+        self.use_bf16 = bf16_autocast(config.bf16, ctx.device)  # hardware bf16 only (logged by the loop)
         self.anchor_source: str | None = None
 
     def train_step(self, step: int, batch: dict[str, Any], train_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -101,25 +101,30 @@ class RLTask:
         self.anchor_source = samples.anchor_source or self.anchor_source
         if not log:
             return {}
-        rewards, mean = samples.rewards, ctx.all_reduce_mean
-        record = {
-            "reward_mean": mean(float(rewards.mean())),
-            "reward_std": mean(float(rewards.std())),
-            **{f"reward/{name}": mean(float(value.mean())) for name, value in samples.terms.items()},
-            **{f"reward_std/{name}": mean(float(value.std())) for name, value in samples.terms.items()},
+        rewards = samples.rewards
+        values = {
+            "reward_mean": rewards.mean(),
+            "reward_std": rewards.std(),
+            **{f"reward/{name}": value.mean() for name, value in samples.terms.items()},
+            **{f"reward_std/{name}": value.std() for name, value in samples.terms.items()},
             # groups whose G rewards are all equal carry no signal under group-relative advantages
-            "zero_spread_groups": mean(zero_spread_fraction(rewards)),
-            "advantage_mean": float(advantages.mean()),
-            "advantage_std": float(advantages.std()),
-            "advantage_min": float(advantages.min()),
-            "advantage_max": float(advantages.max()),
+            "zero_spread_groups": (rewards.float().std(dim=0) == 0).float().mean(),
+            "advantage_mean": advantages.mean(),
+            "advantage_std": advantages.std(),
+            "advantage_min": advantages.min(),
+            "advantage_max": advantages.max(),
             # the first epoch's stats are at sampling time; the last epoch's, and the ratios after the
             # update (score_function), show how far the policy moved
-            **{k: mean(v) for k, v in epoch_stats[-1].items()},
-            **{k: mean(v) for k, v in update.after_update.items()},
-            "entropy": mean(epoch_stats[0]["entropy"]),
-            "reward_time_share": samples.reward_seconds / (time.perf_counter() - started),
+            **epoch_stats[-1],
+            **update.after_update,
+            "entropy": epoch_stats[0]["entropy"],
         }
+        # averaged over the ranks with one all-reduce of the stacked values (the advantages: this
+        # rank's), copied to the host once
+        local = ("advantage_mean", "advantage_std", "advantage_min", "advantage_max")
+        means = ctx.mean_metrics({k: v for k, v in values.items() if k not in local}, {k: values[k] for k in local})
+        record = {k: means[k] for k in values}
+        record["reward_time_share"] = samples.reward_seconds / (time.perf_counter() - started)
         if self.baseline is not None:
             record["baseline"] = self.baseline.value
         return record
@@ -132,10 +137,10 @@ class RLTask:
         num_items, num_sources = all_queries.shape[:2]
         target_index = torch.randint(num_sources, (num_items,), generator=generator)  # which source each mixture targets
         rows = torch.arange(num_items)
-        query = all_queries[rows, target_index].to(device)  # q_b [B, D]
-        target = batch["sources"][rows, target_index].to(device)  # [B, T], as in the mix
-        labels = [item[int(i)] for item, i in zip(batch["labels"], target_index)]
-        return batch["mixture"].to(device), query, target, labels  # x_b [B, T]
+        query = all_queries[rows, target_index.to(all_queries.device)].to(device, non_blocking=True)  # q_b [B, D]
+        target = batch["sources"][rows, target_index].to(device, non_blocking=True)  # [B, T], as in the mix
+        labels = [item[i] for item, i in zip(batch["labels"], target_index.tolist())]  # CPU indices: no device sync
+        return batch["mixture"].to(device, non_blocking=True), query, target, labels  # x_b [B, T]
 
     def validate(self, val_set: list) -> dict[str, float]:
         estimates = mode_estimates(self.model, val_set, self.queries, self.ctx.device)  # separated once, scored twice
@@ -253,7 +258,8 @@ def train_rl(
         say("reward encoder has no anchor module (not aligned): semantic_anchor uses the query as z*")
     torch.manual_seed(config.seed + ctx.rank)
     model.eval()  # BatchNorm in inference mode: the optimized policy is the deployed one (see the docstring)
-    judge = RLJudge.load(config.judge, reward_encoder, model.config.signal.sample_rate, ctx.device, say) if config.judge else None
+    # the judge scores validations, which rank 0 alone runs: the other ranks do not load it
+    judge = RLJudge.load(config.judge, reward_encoder, model.config.signal.sample_rate, ctx.device, say) if config.judge and ctx.is_main else None
     known_labels = [str(label) for label in start.config.get("labels") or []]  # what the start was trained on
     if config.queries:  # reference-free RL on a folder does not teach new classes (BENCHMARKS.md 12.2b)
         task = folder_task(config, model, reference, encoder, encoder_spec, reward_encoder, ctx, say, known_labels)

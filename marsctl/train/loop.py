@@ -10,9 +10,11 @@ for both:
   before its optimizer step), with one line naming the step and the last good checkpoint; weights
   that are not finite are never checkpointed or saved;
 * AdamW with linear warmup and cosine decay (``TrainingLoopConfig.lr_lambda``);
-* exact resume from the latest checkpoint (model, optimizer, scheduler, RNG state, history,
-  the task's own state), refused when a setting in ``task.resume_keys`` changed;
+* exact resume from the latest complete checkpoint, chosen by rank 0 for every rank (model,
+  optimizer, scheduler, RNG state, history, the task's own state), refused when a setting in
+  ``task.resume_keys`` or the number of processes changed;
 * DDP under torchrun (only rank 0 validates, writes files and shows progress);
+* no host sync on unlogged steps (the step time is synchronized on logged steps only);
 * the step-indexed batch order (:class:`~marsctl.train.data.StepBatchSampler`);
 * validation every ``val_every`` steps (and at step 0 when the task asks for it), the best
   validation SI-SDRi, checkpoints every ``checkpoint_every`` steps;
@@ -117,6 +119,70 @@ def require_dataset(data: str) -> Path:
     return dataset_dir
 
 
+def resume_state(run_dir: Path, ctx: DistributedContext, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The training state to resume from, the same step on every rank (None: start at step 0).
+
+    Rank 0 picks the latest *complete* checkpoint (a missing, truncated or unreadable model file or
+    training state falls back to the previous step, with one line saying so) and broadcasts its
+    step; every other rank reads that step and fails loudly, with every rank, when it cannot (a rank
+    that resumed from its own latest would train other parameters and hang in a collective)."""
+    chosen, state = -1, None
+    if ctx.is_main:
+        for step in reversed(ckpt.list_checkpoints(run_dir)):
+            try:
+                state = ckpt.read_checkpoint(ckpt.checkpoint_dir(run_dir, step))
+            except MarsctlError as exc:
+                log(f"{exc}: skipping this checkpoint, resuming from an earlier complete one")
+                continue
+            chosen = step
+            break
+        if chosen < 0 and ckpt.list_checkpoints(run_dir):
+            log(f"{run_dir}: no complete checkpoint to resume from; starting at step 0")
+    chosen = ctx.broadcast_int(chosen)
+    problem = None
+    if not ctx.is_main and chosen >= 0:
+        try:
+            state = ckpt.read_checkpoint(ckpt.checkpoint_dir(run_dir, chosen))
+        except MarsctlError as exc:
+            problem = str(exc)
+    if not ctx.all_true(problem is None):
+        raise MarsctlError(f"rank {ctx.rank}: cannot read checkpoint step {chosen}, which rank 0 resumes from: {problem}" if problem else
+                           f"rank {ctx.rank}: another rank cannot read checkpoint step {chosen} of {run_dir}, which rank 0 resumes from")
+    return state
+
+
+def check_world_size(run_dir: Path, state: dict[str, Any], world_size: int) -> None:
+    """Refuse to resume with another number of processes than the checkpoint's: the global batch and
+    the step-indexed sampler's order would change (skipped and repeated items)."""
+    saved = state.get("world_size")
+    if saved is not None and int(saved) != world_size:
+        raise MarsctlError(f"{run_dir}: cannot resume, the checkpoint was trained by {saved} process(es) and this run has {world_size} "
+                           f"(the global batch and the data order would change); relaunch with {saved} (--gpus/--procs) or use a new --out")
+
+
+def restore_checkpoint(directory: Path, state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       scheduler: Any, device: torch.device) -> None:
+    """Load a checkpoint's model, optimizer, scheduler and RNG states. ``state`` is on the CPU (the
+    RNG states must be CPU tensors, and AdamW keeps its ``step`` on the CPU: one on the GPU costs a
+    sync per parameter per step); ``load_state_dict`` moves the moments to the parameters' device."""
+    from safetensors.torch import load_file
+
+    weights_device = next(model.parameters()).device
+    model.load_state_dict(load_file(str(Path(directory) / ckpt.MODEL_FILE), device=str(weights_device)))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    ckpt.set_rng_state(state["rng"], device)
+
+
+def wrap_ddp(model: torch.nn.Module, ctx: DistributedContext) -> torch.nn.Module:
+    """``model`` under DDP when there are several processes (else itself). Buffers are broadcast from
+    rank 0 only when the model trains them: RL runs its BatchNorm in inference mode (frozen statistics)."""
+    if not ctx.enabled:
+        return model
+    return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                                   broadcast_buffers=model.training)
+
+
 def run_training(
     task: TrainingTask,
     config: TrainingLoopConfig,
@@ -155,27 +221,23 @@ def _train(task, config, run_dir: Path, ctx: DistributedContext, resume, progres
     if not resume and ctx.is_main:
         clear_checkpoints(run_dir)  # starting over: old steps must not be resumed later (other files stay)
     ctx.barrier()
-    latest = ckpt.latest_checkpoint(run_dir) if resume else None
-    if latest is not None:
-        state = ckpt.load_training_state(latest, map_location=ctx.device)
+    state = resume_state(run_dir, ctx, log) if resume else None
+    if state is not None:
         saved, current = state.get("config", {}), to_mapping(config)
         for key in task.resume_keys:
             if key in saved and saved[key] != current[key]:
                 raise MarsctlError(f"{run_dir}: cannot resume, '{key}' differs from the checkpoint's; use a new --out or --no-resume")
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(latest / "model.safetensors"), device=str(ctx.device)))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
+        check_world_size(run_dir, state, ctx.world_size)
+        restore_checkpoint(ckpt.checkpoint_dir(run_dir, int(state["step"])), state, model, optimizer, scheduler, ctx.device)
         task.load_state_dict(state)
         start_step, history = int(state["step"]), list(state.get("history", []))
         scores = Scores(best=state.get("best_si_sdri"), last=next((h["val_si_sdri"] for h in reversed(history) if "val_si_sdri" in h), None))
-        log(f"resuming from {latest} (step {start_step})")
+        log(f"resuming from {ckpt.checkpoint_dir(run_dir, start_step)} (step {start_step})")
 
-    train_model: torch.nn.Module = model
-    if ctx.enabled:
-        train_model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    log(f"precision: {'bf16 autocast' if getattr(task, 'use_bf16', False) else 'fp32'} on {ctx.device}")
+    if ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest convolutions once
+    train_model = wrap_ddp(model, ctx)
 
     # a task may bring its own data (train rl on a plain folder): (training Dataset, validation set, collate)
     own_data = getattr(task, "training_data", None)
@@ -192,7 +254,7 @@ def _train(task, config, run_dir: Path, ctx: DistributedContext, resume, progres
     # the checkpoint restores): a resumed run's RNG then goes through exactly the uninterrupted run's draws
     loader_seeds = torch.Generator().manual_seed(step_seed(config.seed, start_step, ctx.rank, 0, ctx.world_size))
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_items, num_workers=config.num_workers, persistent_workers=False,
-                        generator=loader_seeds)
+                        generator=loader_seeds, pin_memory=ctx.device.type == "cuda")  # pinned: copies to the GPU without blocking
 
     writer = SummaryWriter(str(run_dir / "tensorboard")) if ctx.is_main else None
     if ctx.is_main:
@@ -223,8 +285,9 @@ def _train(task, config, run_dir: Path, ctx: DistributedContext, resume, progres
     def save_checkpoint(step: int) -> None:
         check_finite_weights(model, f"{ckpt.checkpoint_dir(run_dir, step)}")
         state = {
-            "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
-            "best_si_sdri": scores.best, "history": history, "config": to_mapping(config), **task.state_dict(),
+            "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(ctx.device),
+            "best_si_sdri": scores.best, "history": history, "config": to_mapping(config), "world_size": ctx.world_size,
+            **task.state_dict(),
         }
         ckpt.save_checkpoint(run_dir, step, lambda directory: task.save_artifact(directory, step, scores), state, keep=config.keep_checkpoints)
 
@@ -243,7 +306,9 @@ def _train(task, config, run_dir: Path, ctx: DistributedContext, resume, progres
             except NonFiniteLoss as exc:  # raised before the optimizer applied the step: nothing is saved
                 raise MarsctlError(stop_message(run_dir, exc, ckpt.latest_checkpoint(run_dir))) from None
             scheduler.step()
-            if ctx.device.type == "cuda":
+            if logged and ctx.device.type == "cuda":
+                # the GPU work queued since the last logged step ends here: their mean time is right
+                # without a host sync on every step
                 torch.cuda.synchronize(ctx.device)
             step_seconds, steps_timed = step_seconds + time.perf_counter() - started, steps_timed + 1
 

@@ -35,7 +35,7 @@ from marsctl.models.encoder_base import QueryEncoder
 from marsctl.models.policy import DEFAULT_KAPPA
 from marsctl.models.separator import Separator, SeparatorConfig, save_separator
 from marsctl.queries import QueryBuilder
-from marsctl.train.distributed import DistributedContext
+from marsctl.train.distributed import DistributedContext, bf16_autocast
 from marsctl.train.loop import Scores, require_dataset, run_training, step_seed
 from marsctl.train.loop_config import TrainingLoopConfig, resolve_recipe_paths
 from marsctl.train.safety import check_finite_step
@@ -152,7 +152,7 @@ class SupervisedTask:
     def __init__(self, config: SupervisedConfig, model: Separator, encoder: QueryEncoder, dataset_dir: Path, ctx: DistributedContext):
         self.config, self.model, self.ctx, self.signal = config, model, ctx, config.signal
         self.queries = QueryBuilder(encoder, dataset_dir, config.signal.sample_rate, config.query_modalities, config.query_mixup)
-        self.use_bf16 = config.bf16 and ctx.device.type == "cuda"
+        self.use_bf16 = bf16_autocast(config.bf16, ctx.device)  # hardware bf16 only (logged by the loop)
         self.val_sources = 0
         self.known_labels = training_labels(dataset_dir)  # recorded with the model: the classes it was trained on
 
@@ -160,9 +160,9 @@ class SupervisedTask:
                    log: bool) -> dict[str, Any]:
         config, ctx, model = self.config, self.ctx, self.model
         generator = torch.Generator().manual_seed(step_seed(config.seed, step, ctx.rank, 0, ctx.world_size))
-        query = self.queries.batch(batch, generator).to(ctx.device)  # q_n [B, S, D]
-        mixture = batch["mixture"].to(ctx.device)  # [B, T]
-        sources = batch["sources"].to(ctx.device)  # [B, S, T]
+        query = self.queries.batch(batch, generator).to(ctx.device, non_blocking=True)  # q_n [B, S, D]
+        mixture = batch["mixture"].to(ctx.device, non_blocking=True)  # [B, T]
+        sources = batch["sources"].to(ctx.device, non_blocking=True)  # [B, S, T]
         with torch.no_grad():
             _, mixture_magnitude, _ = model.analyze(mixture)  # |X|~ [B, F, T]
             _, source_magnitudes, _ = model.analyze(sources)  # |S_n|~ [B, S, F, T]
@@ -178,7 +178,7 @@ class SupervisedTask:
         loss_value, grad_value = torch.stack([loss.detach().float(), grad_norm.detach().float()]).tolist()
         check_finite_step(step, {"loss": loss_value, "gradient norm": grad_value}, ctx.all_reduce_mean if ctx.enabled else None)
         optimizer.step()  # theta <- AdamW(theta, ...)
-        return {"loss": ctx.all_reduce_mean(loss_value), "grad_norm": grad_value} if log else {}
+        return ctx.mean_metrics({"loss": loss.detach()}, {"grad_norm": grad_norm}) if log else {}
 
     def validate(self, val_set: list) -> dict[str, float]:
         metrics = validation_si_sdri(self.model, val_set, self.queries, self.ctx.device)
@@ -210,8 +210,10 @@ def train_supervised(
     resume: bool = True,
     progress: bool = True,
     on_step_end: Callable[[int], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> TrainResult:
-    """Train (or resume training of) a separator into ``run_dir``. See the module docstring."""
+    """Train (or resume training of) a separator into ``run_dir``. See the module docstring.
+    ``log`` (rank 0 only) gets the loop's lines: the precision, the checkpoint resumed from."""
     ctx = DistributedContext.from_env(device)
     dataset_dir = require_dataset(config.data)
     if encoder is None:
@@ -226,5 +228,6 @@ def train_supervised(
     model = model.to(ctx.device)
     task = SupervisedTask(config, model, encoder, dataset_dir, ctx)
     model.train()
-    result = run_training(task, config, run_dir, ctx, resume=resume, progress=progress, on_step_end=on_step_end)
+    say = log if log is not None and ctx.is_main else None
+    result = run_training(task, config, run_dir, ctx, resume=resume, progress=progress, on_step_end=on_step_end, log=say)
     return TrainResult(model=model, run_dir=Path(run_dir), step=result.step, best_si_sdri=result.scores.best, history=result.history)

@@ -297,14 +297,14 @@ class ClapEncoder(ProjectedEncoder):
         return self._clap_audio_embedding(waveforms)
 
     def _clap_audio_embedding(self, waveforms: torch.Tensor) -> torch.Tensor:
-        """``[B, T]`` at 48 kHz -> ``[B, D]``: CLAP's embedding of each clip's windows, averaged (see :func:`clap_windows`)."""
-        out = []
-        for wave in waveforms:
-            windows = clap_windows(wave)
-            inputs = [{"waveform": w, "longer": torch.tensor([False])} for w in windows]
-            embeddings = self.clap.get_audio_embedding(inputs)  # [W, D], unit vectors
-            out.append(F.normalize(embeddings.mean(0), dim=-1))
-        return torch.stack(out)
+        """``[B, T]`` at 48 kHz -> ``[B, D]``: CLAP's embedding of each clip's windows, averaged (see :func:`clap_windows`).
+        The windows of all B clips go through HTSAT in one batch."""
+        windows = [clap_windows(wave) for wave in waveforms]  # [W_b, window] each
+        flat = torch.cat(windows)
+        longer = torch.zeros(1, dtype=torch.bool)
+        embeddings = self.clap.get_audio_embedding([{"waveform": w, "longer": longer} for w in flat])  # [sum W_b, D], unit vectors
+        per_clip = embeddings.split([len(w) for w in windows])
+        return torch.stack([F.normalize(clip.mean(0), dim=-1) for clip in per_clip])
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         if self.config.image.kind == "clip-vision":

@@ -72,6 +72,22 @@ def embed_grouped_by_length(
     return torch.stack(outputs)  # type: ignore[arg-type]
 
 
+def resample_grouped_by_length(waves: list[torch.Tensor], orig_sr: int, target_sr: int) -> list[torch.Tensor]:
+    """Each waveform resampled from ``orig_sr`` to ``target_sr``, those of one length in one batched call
+    (never padded to each other), in the original order."""
+    if orig_sr == target_sr:
+        return waves
+    by_length: dict[int, list[int]] = {}
+    for index, wave in enumerate(waves):
+        by_length.setdefault(wave.shape[-1], []).append(index)
+    outputs: list[torch.Tensor | None] = [None] * len(waves)
+    for indices in by_length.values():
+        resampled = resample(torch.stack([waves[i] for i in indices]), orig_sr, target_sr)
+        for row, i in enumerate(indices):
+            outputs[i] = resampled[row]
+    return outputs  # type: ignore[return-value]
+
+
 def identity_or_default_linear(in_dim: int, out_dim: int) -> nn.Linear:
     """A projection head; the identity when the sizes match, so a pretrained space is kept at start."""
     head = nn.Linear(in_dim, out_dim)
@@ -143,7 +159,7 @@ class ProjectedEncoder(QueryEncoder):
             return self._embed_audio(waves, sample_rate, differentiable=True)
 
     def _embed_audio(self, waves: list[torch.Tensor], sample_rate: int, differentiable: bool) -> torch.Tensor:
-        waves = [resample(w, sample_rate, self.sample_rate) for w in waves]
+        waves = resample_grouped_by_length(waves, sample_rate, self.sample_rate)
         tower = functools.partial(self.audio_features, differentiable=differentiable)
         features = embed_grouped_by_length(waves, tower, self.audio_batch_size, self.device)
         return F.normalize(self.audio_head(features), dim=-1)
