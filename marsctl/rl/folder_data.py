@@ -364,9 +364,9 @@ def folder_task(config: RLConfig, model: Separator, reference: Separator, encode
 def new_class_warnings(encoder: QueryEncoder, known_labels: Sequence[str], queries: Sequence[Query]) -> list[str]:
     """One line per text query far, in the query encoder's space, from every class the start was trained on
     (``marsctl separate``'s out-of-vocabulary rule): reference-free RL does not teach a separator new classes
-    (BENCHMARKS.md 12.2b: 8 held-out everyday classes gained nothing and the other classes lost 0.44 dB)."""
+    (docs/results.md, "What reference-free adaptation does, and when it hurts")."""
     texts = [text for query in queries for text in query.texts]
     return [f"query {note.query!r} is far from every class the starting separator was trained on (nearest: {note.nearest_text}); "
-            "reference-free RL does not teach new classes and may degrade the others (BENCHMARKS.md 12.2b): "
-            "train it with references first ('marsctl train sup')"
+            "reference-free RL does not teach new classes and may degrade the others: train it with references first "
+            "('marsctl train sup'; docs/results.md#what-reference-free-adaptation-does-and-when-it-hurts)"
             for note in out_of_vocabulary(encoder, list(known_labels), texts)]

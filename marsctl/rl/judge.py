@@ -13,9 +13,8 @@ and sets ``val_reward_hacking`` to 1 in ``metrics.jsonl`` (0 otherwise).
 
 On labelled data the references give a second witness that needs no judge: validation SI-SDRi
 (:class:`SiSdriWitness`). A reward that rises while it falls by more than ``SI_SDRI_TOLERANCE``
-dB is warned about the same way, judge or not. (Measured on the union corpus: the semantic rewards
-raised the independent judge's score too, so the judge stayed quiet, while SI-SDRi fell;
-BENCHMARKS.md section 7.4.)
+dB is warned about the same way, judge or not: a judge aligned on the same data can share the reward
+encoder's taste and rise with it.
 """
 
 from __future__ import annotations
