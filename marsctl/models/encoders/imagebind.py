@@ -331,7 +331,13 @@ def kaldi_fbank(waves: torch.Tensor, banks: torch.Tensor) -> torch.Tensor:
 
 
 def audio_input(waves: torch.Tensor, banks: torch.Tensor) -> torch.Tensor:
-    """16 kHz waveforms ``[B, N]`` -> the audio tower's input ``[B, 3, 1, 128, 204]`` (see the module docstring)."""
+    """16 kHz waveforms ``[B, N]`` -> the audio tower's input ``[B, 3, 1, 128, 204]`` (see the module docstring).
+    In float32 even under autocast: bf16 power spectra would lose the quiet bins before the log."""
+    with torch.autocast(device_type=waves.device.type, enabled=False):
+        return _audio_input(waves.float(), banks)
+
+
+def _audio_input(waves: torch.Tensor, banks: torch.Tensor) -> torch.Tensor:
     clips = []
     for start, end in clip_bounds(waves.shape[-1]):
         clip = waves[:, start:end]
