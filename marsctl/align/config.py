@@ -9,9 +9,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from marsctl.config import ValidatedConfig, from_mapping, setting
+from marsctl.config import ValidatedConfig, from_mapping, read_yaml_file, setting
 from marsctl.errors import ConfigError
 
 
@@ -22,8 +20,8 @@ class StageCommon(ValidatedConfig):
     #: optimizer steps of this stage
     steps: int = setting(2000, ge=1)
     batch_size: int = setting(64, ge=2)
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-4
+    learning_rate: float = setting(1e-3, gt=0, le=1)
+    weight_decay: float = setting(1e-4, ge=0)
     #: training crop length; clips shorter than this are used whole (repeat-padded)
     crop_seconds: float = setting(4.0, gt=0)
     #: share of steps that replay an earlier selected stage's objective on its own data
@@ -31,12 +29,12 @@ class StageCommon(ValidatedConfig):
     #: chance that a batch slot is filled with a clip of an acoustically close class
     hard_negative_share: float = setting(0.5, ge=0, le=1)
     #: weight of the anchor-fusion (z*) loss: target vs mixture vs other clips
-    anchor_weight: float = 0.5
+    anchor_weight: float = setting(0.5, ge=0)
     #: validate (and keep the best checkpoint) every this many steps
     eval_every: int = setting(200, ge=1)
     #: write the resumable training state every this many steps
     checkpoint_every: int = setting(100, ge=1)
-    grad_clip_norm: float = 1.0
+    grad_clip_norm: float = setting(1.0, gt=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,11 +72,11 @@ class AudioTextStageConfig(StageCommon):
 class AudioAudioStageConfig(StageCommon):
     """Stage 2: audio <-> audio of the same class (another clip): InfoNCE + triplet + consistency."""
 
-    triplet_weight: float = 0.5
-    triplet_margin: float = 0.2
-    consistency_weight: float = 0.5
+    triplet_weight: float = setting(0.5, ge=0)
+    triplet_margin: float = setting(0.2, ge=0)
+    consistency_weight: float = setting(0.5, ge=0)
     #: augmentation of the consistency view: random gain range (dB) and noise level (dB below the signal)
-    augment_gain_db: float = 6.0
+    augment_gain_db: float = setting(6.0, ge=0)
     augment_snr_db: float = 20.0
 
 
@@ -86,12 +84,12 @@ class AudioAudioStageConfig(StageCommon):
 class AudioImageStageConfig(StageCommon):
     """Stage 3: audio <-> image (a video frame of the clip): InfoNCE + triplet."""
 
-    triplet_weight: float = 0.5
-    triplet_margin: float = 0.2
+    triplet_weight: float = setting(0.5, ge=0)
+    triplet_margin: float = setting(0.2, ge=0)
 
 
 @dataclasses.dataclass(frozen=True)
-class AlignEvalConfig:
+class AlignEvalConfig(ValidatedConfig):
     """Held-out evaluation after every stage (and for checkpoint selection)."""
 
     #: split used to pick each stage's best checkpoint
@@ -99,17 +97,17 @@ class AlignEvalConfig:
     #: split the reported numbers come from (falls back to select_split when empty)
     report_split: str = "test"
     #: at most this many seconds of each held-out clip are embedded (from its start)
-    max_seconds: float = 10.0
+    max_seconds: float = setting(10.0, gt=0)
     #: at most this many held-out clips per split (seeded choice; 0 = all)
-    max_clips: int = 2000
-    batch_size: int = 32
+    max_clips: int = setting(2000, ge=0)
+    batch_size: int = setting(32, ge=1)
     #: a separator ('default', a run directory or a Hub id) that separates the held-out mixtures once;
     #: its estimates are classified zero-shot after every stage (zero_shot_estimate_acc). Empty = none
     separator: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
-class AlignConfig:
+class AlignConfig(ValidatedConfig):
     """A whole ``marsctl align`` run."""
 
     #: starting encoder: a saved directory, 'builtin', 'aisfx', 'default', 'laion-clap:NAME' or 'laion-clap:PATH'
@@ -121,11 +119,11 @@ class AlignConfig:
     image_model: str = ""
     seed: int = 0
     #: rank of the anchor fusion (low-rank bilinear pooling)
-    anchor_rank: int = 64
+    anchor_rank: int = setting(64, ge=1, le=4096)
     #: classes counted as acoustically close to each class (hard negatives)
-    hard_negative_neighbors: int = 3
+    hard_negative_neighbors: int = setting(3, ge=0)
     #: held-out clips kept decoded in memory; training clips are read per step with this many cached
-    audio_cache_clips: int = 4096
+    audio_cache_clips: int = setting(4096, ge=0)
     #: keep the text projection as it is: audio (and image) are aligned into the text space that a
     #: separator trained with the starting encoder already takes its queries from, so that separator
     #: keeps its text queries and gains audio queries (and the reward speaks the same space)
@@ -136,6 +134,7 @@ class AlignConfig:
     eval: AlignEvalConfig = AlignEvalConfig()
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         object.__setattr__(self, "stages", tuple(int(s) for s in self.stages))
         if not self.stages or any(s not in (1, 2, 3) for s in self.stages) or len(set(self.stages)) != len(self.stages):
             raise ConfigError(f"stages must be distinct values among 1, 2, 3; got {list(self.stages)}")
@@ -168,10 +167,7 @@ def load_align_config(path: str | Path | None, overrides: dict[str, Any] | None 
         path = recipe_path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: no such recipe file")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})".splitlines()[0]) from exc
+        data = read_yaml_file(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping of settings")
     for key, value in (overrides or {}).items():

@@ -14,18 +14,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
-from marsctl.config import SignalConfig, from_mapping, to_mapping
+from marsctl.config import SignalConfig, ValidatedConfig, from_mapping, read_yaml_file, setting, to_mapping
 from marsctl.data.sources import get_source, source_kinds
 from marsctl.errors import ConfigError
 from marsctl.recipe_paths import find_recipe, list_recipes
 
 DEFAULT_SOUNDFONT = "/usr/share/sounds/sf2/FluidR3_GM.sf2"
+SPLITS = ("train", "val", "test")
+#: a music21 corpus work: path parts of letters, digits, '_', '-', '.' (no '..', no leading '/')
+_CORPUS_WORK = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-][A-Za-z0-9_.\-]*)*$")
+
+
+def check_pair(value: list, name: str, low: float | None = None, high: float | None = None, empty_ok: bool = False) -> None:
+    """``value`` is ``[lo, hi]`` with ``low <= lo <= hi <= high`` (or ``[]`` when ``empty_ok``)."""
+    if empty_ok and len(value) == 0:
+        return
+    bounds = f"{low if low is not None else '-inf'}..{high if high is not None else 'inf'}"
+    if len(value) != 2 or value[0] > value[1] or (low is not None and value[0] < low) or (high is not None and value[1] > high):
+        raise ConfigError(f"{name} must be [low, high] with {bounds.replace('..', ' <= low <= high <= ')}{' (or [])' if empty_ok else ''}, got {list(value)}")
+
+
+def check_split_counts(counts: dict, name: str) -> None:
+    """A ``{train: n, val: n, test: n}`` mapping: known splits, whole numbers >= 0."""
+    unknown = sorted(set(counts) - set(SPLITS))
+    if unknown:
+        raise ConfigError(f"{name}: unknown split(s) {', '.join(map(str, unknown))}; use {', '.join(SPLITS)}")
+    for split, count in counts.items():
+        if count < 0:
+            raise ConfigError(f"{name}.{split} must be >= 0, got {count}")
 
 
 @dataclass(frozen=True)
-class SoundfontSource:
+class SoundfontSource(ValidatedConfig):
     """Solo-instrument clips rendered from a General-MIDI soundfont with music21 corpus melodies.
 
     Melodies are assigned to splits first, so train, val and test never share a melody.
@@ -43,7 +63,7 @@ class SoundfontSource:
     melodies_per_split: dict[str, int] = field(default_factory=lambda: {"train": 24, "val": 4, "test": 8})
     #: rendered clips per class and split
     clips_per_class: dict[str, int] = field(default_factory=lambda: {"train": 16, "val": 4, "test": 6})
-    clip_duration_s: float = 6.0
+    clip_duration_s: float = setting(6.0, gt=0, le=600)
     soundfont: str = DEFAULT_SOUNDFONT
     #: several soundfonts, each ``{name: ..., path: ..., package: <Debian package installing it>}``;
     #: when given, each clip draws one of them (seeded per clip) and ``soundfont`` is not used
@@ -52,20 +72,41 @@ class SoundfontSource:
     #: leave-one-soundfont-out: ``{train: [a, b], val: [a, b], test: [c]}``
     soundfonts_per_split: dict[str, list[str]] = field(default_factory=dict)
     #: random shift (semitones, +-) around the centre of the instrument's range
-    transpose_semitones: int = 5
+    transpose_semitones: int = setting(5, ge=0, le=48)
     velocity_range: list[int] = field(default_factory=lambda: [60, 120])
     tempo_bpm_range: list[float] = field(default_factory=lambda: [70.0, 150.0])
     #: sounding fraction of each written note (0.5 staccato .. 1.0 legato)
     articulation_range: list[float] = field(default_factory=lambda: [0.5, 1.0])
-    #: synth output gain (fluidsynth's master gain)
-    gain: float = 0.8
+    #: synth output gain (fluidsynth's master gain, 0..10)
+    gain: float = setting(0.8, ge=0, le=10)
     #: each clip is levelled to a loudness drawn from this range (LUFS); [] keeps the synth's level
     loudness_lufs_range: list[float] = field(default_factory=lambda: [-32.0, -20.0])
-    seed: int = 0
+    seed: int = setting(0, ge=0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for label, program in self.programs.items():
+            if not 0 <= program <= 127:
+                raise ConfigError(f"programs.{label} must be a General MIDI program in 0..127, got {program}")
+        for label, pair in self.ranges.items():
+            check_pair(pair, f"ranges.{label}", 0, 127)
+        if not self.melody_works:
+            raise ConfigError("melody_works must name at least one music21 corpus work (e.g. essenFolksong/altdeu10)")
+        for work in self.melody_works:
+            if not _CORPUS_WORK.match(work) or ".." in work.split("/"):
+                raise ConfigError(f"melody_works: {work!r} must be a plain music21 corpus name like essenFolksong/altdeu10 (no path)")
+        check_split_counts(self.melodies_per_split, "melodies_per_split")
+        check_split_counts(self.clips_per_class, "clips_per_class")
+        check_pair(self.velocity_range, "velocity_range", 1, 127)
+        check_pair(self.tempo_bpm_range, "tempo_bpm_range", 1, 1000)
+        if len(self.articulation_range) == 2 and self.articulation_range[0] <= 0:
+            raise ConfigError(f"articulation_range must be [low, high] with 0 < low <= high <= 1, got {self.articulation_range}")
+        check_pair(self.articulation_range, "articulation_range", 0, 1)
+        check_pair(self.loudness_lufs_range, "loudness_lufs_range", -70, 0, empty_ok=True)
 
 
 @dataclass(frozen=True)
-class FolderSource:
+class FolderSource(ValidatedConfig):
     """Clips from a labeled folder tree: ``<root>/<label>/**/<file>`` (label = first-level subfolder).
 
     Every audio or video file becomes one clip (converted to 16 kHz mono FLAC; frames are
@@ -75,15 +116,20 @@ class FolderSource:
     """
 
     root: Optional[str] = None
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
+    val_fraction: float = setting(0.1, ge=0, le=1)
+    test_fraction: float = setting(0.1, ge=0, le=1)
     #: longer files are cut to this length (None keeps them whole)
-    max_duration_s: Optional[float] = None
+    max_duration_s: Optional[float] = setting(None, gt=0)
     extract_frames: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.val_fraction + self.test_fraction > 1:
+            raise ConfigError(f"val_fraction + test_fraction must be <= 1, got {self.val_fraction} + {self.test_fraction}")
 
 
 @dataclass(frozen=True)
-class YoutubeSource:
+class YoutubeSource(ValidatedConfig):
     """Clips cut from online videos with yt-dlp (only the needed segment) and ffmpeg.
 
     ``source_list_format``:
@@ -100,20 +146,20 @@ class YoutubeSource:
     label_map: dict[str, str] = field(default_factory=dict)
     #: how a video's URL is made; tests point this at http://127.0.0.1
     url_template: str = "https://www.youtube.com/watch?v={youtube_id}"
-    clip_duration_s: float = 10.0
-    clips_per_video: int = 1
-    first_clip_start_s: float = 0.0
-    clip_stride_s: float = 10.0
-    val_fraction: float = 0.05
-    test_fraction: float = 0.1
+    clip_duration_s: float = setting(10.0, gt=0, le=600)
+    clips_per_video: int = setting(1, ge=1)
+    first_clip_start_s: float = setting(0.0, ge=0)
+    clip_stride_s: float = setting(10.0, gt=0)
+    val_fraction: float = setting(0.05, ge=0, le=1)
+    test_fraction: float = setting(0.1, ge=0, le=1)
     extract_frames: bool = True
-    frame_rate: float = 1.0
-    frame_size: int = 224
-    workers: int = 4
+    frame_rate: float = setting(1.0, gt=0, le=60)
+    frame_size: int = setting(224, ge=1, le=4096)
+    workers: int = setting(4, ge=1, le=256)
     #: attempts per item for errors that may pass (network); dead/private videos fail at once
-    attempts: int = 3
-    backoff_s: float = 2.0
-    socket_timeout_s: float = 30.0
+    attempts: int = setting(3, ge=1)
+    backoff_s: float = setting(2.0, ge=0)
+    socket_timeout_s: float = setting(30.0, gt=0)
     #: a Netscape-format cookies file for yt-dlp (YouTube may ask to sign in); never logged
     cookies_file: Optional[str] = None
     #: a Hugging Face dataset repo holding copies of videos that are gone from YouTube
@@ -123,13 +169,18 @@ class YoutubeSource:
         default_factory=lambda: ["{clip_id}.mp4", "{youtube_id}.mp4", "{clip_id}.flac", "{clip_id}.wav"]
     )
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.val_fraction + self.test_fraction > 1:
+            raise ConfigError(f"val_fraction + test_fraction must be <= 1, got {self.val_fraction} + {self.test_fraction}")
+
     def for_card(self) -> "YoutubeSource":
         """What the dataset card records: a cookies file's location is left out."""
         return dataclasses.replace(self, cookies_file=None)
 
 
 @dataclass(frozen=True)
-class SemanticFilter:
+class SemanticFilter(ValidatedConfig):
     """The clip's audio must match its own label better than every other label by ``margin``."""
 
     enabled: bool = False
@@ -138,20 +189,20 @@ class SemanticFilter:
     margin: float = 0.0
     #: text prompt for a label
     prompt: str = "the sound of {label}"
-    batch_size: int = 16
+    batch_size: int = setting(16, ge=1)
 
 
 @dataclass(frozen=True)
-class FilterConfig:
+class FilterConfig(ValidatedConfig):
     """Signal checks (the "clean+" step). A clip failing any check is kept in the manifest with keep=false."""
 
-    min_duration_s: float = 2.0
+    min_duration_s: float = setting(2.0, ge=0)
     #: a 50 ms frame quieter than this (dBFS RMS) counts as silent
-    silence_threshold_db: float = -50.0
-    max_silence_ratio: float = 0.5
+    silence_threshold_db: float = setting(-50.0, le=0)
+    max_silence_ratio: float = setting(0.5, ge=0, le=1)
     #: a sample at or above this magnitude counts as clipped
-    clip_level: float = 0.999
-    max_clip_ratio: float = 0.001
+    clip_level: float = setting(0.999, gt=0, le=1)
+    max_clip_ratio: float = setting(0.001, ge=0, le=1)
     min_loudness_lufs: float = -50.0
     max_loudness_lufs: float = -3.0
     #: regular expressions; a clip whose label matches one is dropped ("excluded_label"),
@@ -159,28 +210,37 @@ class FilterConfig:
     exclude_labels: list[str] = field(default_factory=list)
     semantic: SemanticFilter = field(default_factory=SemanticFilter)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.min_loudness_lufs > self.max_loudness_lufs:
+            raise ConfigError(f"min_loudness_lufs ({self.min_loudness_lufs}) must be <= max_loudness_lufs ({self.max_loudness_lufs})")
+        for pattern in self.exclude_labels:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"exclude_labels: {pattern!r} is not a regular expression ({exc})") from None
+
 
 @dataclass(frozen=True)
-class MixConfig:
+class MixConfig(ValidatedConfig):
     """Fixed, seeded mixtures (for evaluation) and the defaults of dynamic training mixtures."""
 
-    num_sources: int = 2
+    num_sources: int = setting(2, ge=1, le=16)
     #: "omnisep": each source times signal.mix_source_gain (0.5) and summed;
     #: "snr": the second..last sources are scaled to a random SNR against the first
-    mode: str = "omnisep"
+    mode: str = setting("omnisep", choices=("omnisep", "snr"))
     snr_db_range: list[float] = field(default_factory=lambda: [-5.0, 5.0])
     mixtures_per_split: dict[str, int] = field(default_factory=lambda: {"val": 20, "test": 100})
-    seed: int = 1234
+    seed: int = setting(1234, ge=0)
     #: datasets with families (a union): ``{within: p, across: q}``, the shares of mixtures whose
     #: sources all come from one family / from different families; {} = labels drawn regardless of
     #: family. Dynamic training mixtures of the dataset follow it too (marsctl.data.mixing).
     pairing: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.mode not in ("omnisep", "snr"):
-            raise ConfigError(f"mix.mode must be 'omnisep' or 'snr', got {self.mode!r}")
-        if self.num_sources < 1:
-            raise ConfigError(f"mix.num_sources must be at least 1, got {self.num_sources}")
+        super().__post_init__()
+        check_pair(self.snr_db_range, "snr_db_range", -100, 100)
+        check_split_counts(self.mixtures_per_split, "mixtures_per_split")
         shares = [v for v in self.pairing.values() if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0]
         if set(self.pairing) - {"within", "across"} or len(shares) != len(self.pairing) or (shares and sum(shares) <= 0):
             raise ConfigError(f"mix.pairing must be like {{within: 0.5, across: 0.5}} (shares >= 0, not all 0), got {self.pairing!r}")
@@ -205,6 +265,8 @@ class DataRecipe:
 
     def __post_init__(self) -> None:
         check_recipe_name(self.name, "recipe")
+        if any(not label.strip() for label in self.labels) or len(set(self.labels)) != len(self.labels):
+            raise ConfigError(f"labels must be a list of distinct, non-empty class names, got {_short_list(self.labels)}")
         expected = get_source(self.source_kind, f"recipe {self.name!r}").config_class()
         if not isinstance(self.source, expected):
             raise ConfigError(f"recipe {self.name!r}: the {self.source_kind} section must be a {expected.__name__}")
@@ -239,6 +301,11 @@ class DataRecipe:
         data["filter"] = to_mapping(self.filter)
         data["mix"] = to_mapping(self.mix)
         return data
+
+
+def _short_list(items: list, limit: int = 8) -> str:
+    shown = ", ".join(repr(i) for i in items[:limit])
+    return f"[{shown}{', ...' if len(items) > limit else ''}]"
 
 
 _GENERAL_KEYS = ("name", "description", "labels", "signal", "filter", "mix")
@@ -282,12 +349,7 @@ def recipe_from_mapping(data: dict[str, Any], where: str = "recipe") -> DataReci
 def load_recipe(spec: str | Path) -> DataRecipe:
     """A recipe by name (``soundfont`` -> the shipped ``recipes/data/soundfont.yaml``) or by YAML file path."""
     path = find_recipe("data", spec)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the recipe ({exc.strerror or exc})") from exc
+    data = read_yaml_file(path)
     recipe = recipe_from_mapping(data, str(path))
     relative_to = getattr(recipe.source, "relative_to", None)
     if callable(relative_to) and Path(spec).is_file():  # paths in a recipe file: relative to that file

@@ -137,8 +137,13 @@ def soundfonts_by_split(source: SoundfontSource) -> dict[str, list[SoundfontFile
 def _tune_numbers(work: str) -> list[int]:
     from music21 import corpus
 
-    path = corpus.getWork(work)
+    try:
+        path = corpus.getWork(work)
+    except Exception as exc:  # music21's CorpusException (and whatever a strange name raises)
+        raise ConfigError(f"soundfont.melody_works: {work!r} is not a work of music21's corpus ({type(exc).__name__})") from None
     if isinstance(path, list):
+        if not path:
+            raise ConfigError(f"soundfont.melody_works: {work!r} is not a work of music21's corpus")
         path = path[0]
     text = Path(path).read_text(encoding="utf-8", errors="replace")
     return [int(m) for m in re.findall(r"^X:\s*(\d+)", text, flags=re.MULTILINE)]

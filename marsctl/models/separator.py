@@ -34,7 +34,7 @@ from torch import nn
 
 from marsctl.audio import LogFrequencyWarp, Spectrogram
 from marsctl.config import SignalConfig, ValidatedConfig, from_mapping, setting, to_mapping
-from marsctl.errors import MarsctlError
+from marsctl.errors import ConfigError, MarsctlError
 from marsctl.files import atomic_path, write_json_atomic
 from marsctl.models.policy import DEFAULT_KAPPA, BetaMaskPolicy
 
@@ -54,15 +54,37 @@ class SeparatorConfig(ValidatedConfig):
     #: size of the query embedding (the encoder's ``embedding_dim``)
     query_dim: int = setting(512, ge=1)
     #: U-Net depth: the log-spectrogram is halved this many times on both axes
+    #: (at most log2(signal.n_log_bins): see :func:`check_num_levels`)
     num_levels: int = setting(7, ge=1)
     #: channels of the first U-Net level; level i has base * min(2**i, max_channel_multiplier)
-    base_channels: int = setting(32, ge=1)
-    max_channel_multiplier: int = 8
+    base_channels: int = setting(32, ge=1, le=4096)
+    max_channel_multiplier: int = setting(8, ge=1, le=1024)
     #: U-Net output channels, combined with the 32-d conditioned query by an inner product
-    mask_channels: int = setting(32, ge=1)
+    mask_channels: int = setting(32, ge=1, le=4096)
     #: Beta policy concentration: alpha = 1 + kappa P, beta = 1 + kappa (1 - P)
     kappa: float = setting(DEFAULT_KAPPA, gt=0)
     signal: SignalConfig = dataclasses.field(default_factory=SignalConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_num_levels(self.num_levels, self.signal)
+
+
+def max_num_levels(signal: SignalConfig) -> int:
+    """The deepest U-Net the log-frequency grid allows: each level halves the frequency axis, and
+    the input is padded to a multiple of 2**num_levels, so 2**num_levels <= n_log_bins (a deeper
+    net would only add padding, doubling the input per extra level)."""
+    return max(1, int(signal.n_log_bins).bit_length() - 1)
+
+
+def check_num_levels(num_levels: int, signal: SignalConfig) -> None:
+    """One line when ``num_levels`` is outside 1..:func:`max_num_levels` for ``signal``."""
+    top = max_num_levels(signal)
+    if not 1 <= num_levels <= top:
+        raise ConfigError(
+            f"num_levels must be in 1..{top} for n_log_bins {signal.n_log_bins} "
+            f"(each level halves the frequency grid: 2**num_levels <= n_log_bins), got {num_levels}"
+        )
 
 
 class _Down(nn.Module):

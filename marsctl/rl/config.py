@@ -53,7 +53,7 @@ class RLConfig(TrainingLoopConfig):
     judge: str = ""
     batch_size: int = 4
     #: G: masks sampled per mixture from one forward pass
-    group_size: int = 8
+    group_size: int = setting(8, ge=2)
     #: K: optimization epochs per rollout batch (the old policy is fixed at sampling time)
     ppo_epochs: int = setting(1, ge=1)
     max_steps: int = 2000
@@ -80,14 +80,14 @@ class RLConfig(TrainingLoopConfig):
     #: both the ratio and the entropy, the entropy gradient is coherent over bins while the policy
     #: gradient is not: in 25-step CPU runs on the test tones 0.1 pulled the masks toward 0.5
     #: (validation reward 0.883 -> 0.752), 0.01 and 0 let it rise (-> 0.891, -> 0.913).
-    entropy_coef: float = DEFAULT_ENTROPY_COEF
-    #: lambda_KL (KL to the frozen starting policy)
-    kl_coef: float = DEFAULT_KL_COEF
+    entropy_coef: float = setting(DEFAULT_ENTROPY_COEF, ge=0)
+    #: lambda_KL (KL to the frozen starting policy); a negative one would push the policy away from it
+    kl_coef: float = setting(DEFAULT_KL_COEF, ge=0)
     #: eps in (R - mean) / (std + eps)
-    advantage_eps: float = DEFAULT_EPS
+    advantage_eps: float = setting(DEFAULT_EPS, gt=0)
     #: "group" (GRPO: centre on the group mean) or "moving_average" (the paper's option)
     baseline: str = setting("group", choices=BASELINES)
-    baseline_beta: float = DEFAULT_BASELINE_BETA
+    baseline_beta: float = setting(DEFAULT_BASELINE_BETA, ge=0, lt=1)
     #: a :class:`~marsctl.rl.rewards.RewardConfig`; recipes give ``rewards: {term: weight, ...}``
     rewards: Any = dataclasses.field(default_factory=RewardConfig)
     val_every: int = 100
@@ -105,8 +105,6 @@ class RLConfig(TrainingLoopConfig):
             object.__setattr__(self, "rewards", RewardConfig.from_recipe(self.rewards))
         elif not isinstance(self.rewards, RewardConfig):
             raise ConfigError(f"rewards must be a mapping of reward term names to weights, got {self.rewards!r}")
-        if self.group_size < 2:
-            raise ConfigError(f"group_size must be >= 2 (advantages are normalized within the group), got {self.group_size}")
         if self.estimator == "pathwise" and self.baseline == "moving_average":
             raise ConfigError("baseline 'moving_average' belongs to the score_function estimator; the pathwise gradient uses no baseline")
 

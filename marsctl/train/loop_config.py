@@ -30,24 +30,25 @@ class TrainingLoopConfig(ValidatedConfig):
     #: mixtures per step and process
     batch_size: int = setting(8, ge=1)
     max_steps: int = setting(20_000, ge=1)
-    learning_rate: float = setting(1e-3, gt=0)
-    weight_decay: float = 0.01
+    learning_rate: float = setting(1e-3, gt=0, le=1)
+    weight_decay: float = setting(0.01, ge=0)
     warmup_steps: int = setting(500, ge=0)
     #: cosine decay from the peak LR down to this fraction of it at max_steps
-    final_lr_fraction: float = 0.1
-    grad_clip_norm: float = 1.0
+    final_lr_fraction: float = setting(0.1, ge=0, le=1)
+    grad_clip_norm: float = setting(1.0, gt=0)
     #: query modalities used in training (text, audio, image); several are fused
     query_modalities: tuple[str, ...] = ("text",)
     #: Query-Mixup: random fusion weights per example (else equal weights)
     query_mixup: bool = True
     val_every: int = setting(500, ge=1)
-    val_mixtures: int = 64
+    val_mixtures: int = setting(64, ge=0)
     val_split: str = "val"
     checkpoint_every: int = setting(500, ge=1)
-    keep_checkpoints: int = 3
+    #: step-* checkpoints kept (0 = all)
+    keep_checkpoints: int = setting(3, ge=0)
     log_every: int = setting(10, ge=1)
     seed: int = 0
-    num_workers: int = 2
+    num_workers: int = setting(2, ge=0)
     #: bf16 autocast for the separator on CUDA (ignored on CPU)
     bf16: bool = True
 

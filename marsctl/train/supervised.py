@@ -27,13 +27,13 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from marsctl.config import SignalConfig, load_recipe, to_mapping
+from marsctl.config import SignalConfig, ValidatedConfig, load_recipe, setting, to_mapping
 from marsctl.data.augment import AugmentConfig
 from marsctl.data.manifest import training_labels
 from marsctl.errors import MarsctlError
 from marsctl.models.encoder_base import QueryEncoder
 from marsctl.models.policy import DEFAULT_KAPPA
-from marsctl.models.separator import Separator, SeparatorConfig, save_separator
+from marsctl.models.separator import Separator, SeparatorConfig, check_num_levels, save_separator
 from marsctl.queries import QueryBuilder
 from marsctl.train.distributed import DistributedContext, bf16_autocast
 from marsctl.train.loop import Scores, require_dataset, run_training, step_seed
@@ -43,14 +43,16 @@ from marsctl.train.validation import validation_si_sdri
 
 
 @dataclasses.dataclass(frozen=True)
-class ArchitectureConfig:
-    """U-Net and policy settings (the query size comes from the encoder)."""
+class ArchitectureConfig(ValidatedConfig):
+    """U-Net and policy settings (the query size comes from the encoder); the ranges are
+    :class:`~marsctl.models.separator.SeparatorConfig`'s, num_levels is checked against the
+    recipe's signal by :class:`SupervisedConfig`."""
 
-    num_levels: int = 7
-    base_channels: int = 32
-    max_channel_multiplier: int = 8
-    mask_channels: int = 32
-    kappa: float = DEFAULT_KAPPA
+    num_levels: int = setting(7, ge=1)
+    base_channels: int = setting(32, ge=1, le=4096)
+    max_channel_multiplier: int = setting(8, ge=1, le=1024)
+    mask_channels: int = setting(32, ge=1, le=4096)
+    kappa: float = setting(DEFAULT_KAPPA, gt=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,13 +69,17 @@ class SupervisedConfig(TrainingLoopConfig):
     #: OmniSep's log(1 + |X|) bin weights; False gives plain BCE
     weighted_loss: bool = True
     #: a source "owns" a bin when its magnitude exceeds this fraction of the mixture's
-    mask_threshold: float = 0.5
+    mask_threshold: float = setting(0.5, ge=0)
     #: warm start: separator weights to start from (``default``, a run directory or a Hub id);
     #: its architecture and query size must match this recipe's. Empty = random init.
     init_model: str = ""
     #: augmentation of the training mixtures (simulated rooms, gain, EQ, time shift, SNR range;
     #: :mod:`marsctl.data.augment`); all off by default
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_num_levels(self.architecture.num_levels, self.signal)
 
     def separator_config(self, query_dim: int) -> SeparatorConfig:
         return SeparatorConfig(query_dim=query_dim, signal=self.signal, **to_mapping(self.architecture))
