@@ -207,6 +207,27 @@ def mix_cmd(
         print_summary(summary, dataset)
 
 
+@data_app.command("audit")
+def audit_cmd(
+    dataset: Path = _DATASET_ARG,
+    encoder: str = typer.Option(
+        "default", "--encoder", metavar="SPEC", help="Encoder for the label check ('default', 'aisfx', a folder; 'none' skips it)."
+    ),
+    near_threshold: float = typer.Option(0.98, "--near-threshold", metavar="COS", help="Near-duplicate cosine (log-mel statistics)."),
+    knn: int = typer.Option(5, "--knn", metavar="K", min=1, help="Neighbours of other groups for the kNN label check."),
+    quiet: bool = _QUIET,
+) -> None:
+    """Audit the labels: duplicates, encoder and kNN disagreement, spectral checks; writes DIR/audit/ (drops nothing)."""
+    with user_errors():
+        from marsctl.data.audit import SUMMARY_MD, AuditConfig, audit_dataset
+
+        config = AuditConfig(encoder=None if encoder == "none" else encoder, near_threshold=near_threshold, knn_k=knn)
+        summary = audit_dataset(dataset, config, progress=not quiet)
+        flags = ", ".join(f"{k} {v}" for k, v in summary.flags.items()) or "none"
+        console.print(f"audit: {summary.clips} clips, {summary.flagged_clips} flagged ({flags})", highlight=False)
+        console.print(f"report: {dataset / SUMMARY_MD}", highlight=False)
+
+
 @data_app.command("recipes")
 def recipes_cmd() -> None:
     """List the shipped recipes (and those in ./recipes/data); a broken one is named and skipped."""
