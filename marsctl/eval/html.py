@@ -28,7 +28,10 @@ from typing import Sequence
 
 import numpy as np
 
-from marsctl.eval.report import METRICS, EvalReport, SourceScores
+from marsctl.eval.report import METRICS, SCORE_METRICS, EvalReport, SourceScores
+
+#: column labels of every metric
+LABELS = {**METRICS, **SCORE_METRICS}
 from marsctl.files import atomic_path, write_text_atomic
 
 #: mixtures on the listening page by default (``marsctl eval --html-max``)
@@ -174,7 +177,7 @@ def _summary_tables(report: EvalReport, group_keys: Sequence[str]) -> list[str]:
     groups = [("all", [("all", report.summary(), len(report.rows))])]
     groups += [(key, [(g.key[0], g.metrics, g.n) for g in sorted(report.grouped((key,)), key=lambda g: g.key)]) for key in group_keys]
     for key, entries in groups:
-        head = [key if key != "all" else "", "n", *(METRICS.get(m, m) for m in metrics)]
+        head = [key if key != "all" else "", "n", *(LABELS.get(m, m) for m in metrics)]
         rows = []
         for name, summary, n in entries:
             cells = f"<td>{html.escape(str(name))}</td>" + f'<td class="num" data-sort="{n}">{n}</td>'
@@ -196,7 +199,7 @@ def _table(title: str, head: Sequence[str], rows: Sequence[str], table_id: str) 
 def _sources_table(report: EvalReport, shown: dict[str, str]) -> str:
     metrics = list(report.metrics)
     systems = any("system" in r.group for r in report.rows)
-    head = ["mixture", "source", *(["system"] if systems else []), *(METRICS.get(m, m) for m in metrics), "note"]
+    head = ["mixture", "source", *(["system"] if systems else []), *(LABELS.get(m, m) for m in metrics), "note"]
     rows = []
     for r in report.rows:
         anchor = shown.get(r.mixture)
@@ -215,7 +218,7 @@ def _metric_line(rows: Sequence[SourceScores], metrics: Sequence[str]) -> str:
     lines = []
     for r in rows:
         system = r.group.get("system")
-        values = ", ".join(f"{METRICS.get(m, m).split(' (')[0]} {_number(r.metric(m), _digits(m))}" for m in metrics if r.metric(m) is not None)
+        values = ", ".join(f"{LABELS.get(m, m).split(' (')[0]} {_number(r.metric(m), _digits(m))}" for m in metrics if r.metric(m) is not None)
         lines.append(f"<li>{html.escape((system + ': ') if system else '')}{html.escape(values)}</li>")
     return "<ul class=\"metrics\">" + "".join(lines) + "</ul>"
 
@@ -256,6 +259,9 @@ def write_html_report(report: EvalReport, out_dir: str | Path, listening: Sequen
                        for k, v in report.settings.items() if v not in (None, "", [], {}))
     failures = "".join(f"<li><code>{html.escape(f.path)}</code>: {html.escape(f.reason)}</li>" for f in report.failures)
     n_mixtures = len({r.mixture for r in report.rows})
+    n_sources = len({(r.mixture, r.source) for r in report.rows})
+    systems = sorted({r.group["system"] for r in report.rows if "system" in r.group})
+    counted = f"{n_sources} sources in {n_mixtures} mixtures" + (f", each scored for {len(systems)} systems ({', '.join(systems)})" if systems else "")
     listening_note = (f"{len(listening)} of {n_mixtures} mixtures, chosen by mean SI-SDRi (the worst, the median and the best, "
                       "then evenly between; <code>--html-max</code> sets how many)" if listening else "no mixtures (<code>--html-max 0</code>)")
     page = f"""<!DOCTYPE html>
@@ -264,7 +270,7 @@ def write_html_report(report: EvalReport, out_dir: str | Path, listening: Sequen
 <style>{_STYLE}</style></head>
 <body>
 <h1>{html.escape(title)}</h1>
-<p>{len(report.rows)} scored sources in {n_mixtures} mixtures. Mean ± standard error over sources; silent or failed estimates
+<p>{html.escape(counted)}. Mean ± standard error over sources; silent or failed estimates
 are scored at the floor and kept in the means. Spectrograms: log frequency, one colour scale per mixture
 ({SPECTROGRAM_RANGE_DB:g} dB range).</p>
 <details><summary>Settings</summary><ul>{settings}</ul></details>
