@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from marsctl.config import read_yaml_file, to_mapping
+from marsctl.config import to_mapping
 from marsctl.errors import MarsctlError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,7 +108,7 @@ def test_every_shipped_recipe_number_set_to_zero_negative_nan_or_inf_is_one_line
     refused = accepted = 0
     seen: set = set()
     for recipe in SHIPPED:
-        original = read_yaml_file(recipe)
+        original = yaml.safe_load(recipe.read_text(encoding="utf-8"))  # shipped recipes use no aliases
         load = _loader(recipe)
         folder = tmp_path / recipe.parent.name
         folder.mkdir(exist_ok=True)
