@@ -263,3 +263,16 @@ def test_train_sup_gives_the_training_mixtures_its_augment_section(tmp_path, cac
     assert dataset.augment is not None and dataset.augment.config == room()
     plain = real(str(data), "train", config.signal, 2, seed=config.seed)
     assert plain.augment is None and not torch.equal(plain[0]["sources"], dataset[0]["sources"])
+
+
+def test_dataloader_workers_draw_the_same_augmented_items(dataset, cache):
+    """Worker processes (forked copies of the dataset, the bank inside) give the items the main process gives."""
+    from marsctl.train.data import EpochIndexedDataset, StepBatchSampler, collate
+
+    base = DynamicMixDataset(dataset, "train", SIGNAL, 2, seed=3, augment=everything())
+    indexed = EpochIndexedDataset(base)
+    sampler = StepBatchSampler(len(indexed), 2, seed=0, start_step=0, max_steps=4)
+    loader = torch.utils.data.DataLoader(indexed, batch_sampler=sampler, collate_fn=collate, num_workers=1)
+    for step, batch in zip(range(1, 5), loader):
+        direct = collate([indexed[i] for i in sampler.step_indices(step)])
+        assert torch.equal(batch["mixture"], direct["mixture"]) and torch.equal(batch["sources"], direct["sources"])
