@@ -234,3 +234,20 @@ def test_union_of_a_really_built_member_reuses_its_filter_scores(tmp_path):
         own = (tmp_path / "u" / "state" / "scores" / f"{row['clip_id']}.json").read_text()
         assert own == (tmp_path / "tones" / "state" / "scores" / f"{original['clip_id']}.json").read_text()
     assert [r["loudness_lufs"] for r in union_rows if r["clip_id"] == "tones-low__train__low0"] == [-33.25]
+
+
+def test_root_option_replaces_a_recipe_files_root(members, tmp_path):
+    """--root (FetchOptions.root) replaces the recipe file's `root:`, and the members are looked up under it
+    (they were resolved against the file's root when the recipe was read, so --root was ignored)."""
+    inst, sfx = members
+    assert inst.parent == sfx.parent
+    recipe_file = tmp_path / "u.yaml"
+    mapping = union_recipe([{"path": inst.name, "family": "instruments"}, {"path": sfx.name, "family": "everyday"}])
+    mapping["union"]["root"] = str(tmp_path / "nowhere")
+    recipe_file.write_text(yaml.safe_dump(mapping))
+    recipe = load_recipe(recipe_file)
+    summary = build(recipe, tmp_path / "out", FetchOptions(progress=False, root=str(inst.parent)))
+    assert summary.n_failed == 0
+    card = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert [m["path"] for m in card["config"]["union"]["datasets"]] == [str(inst.resolve()), str(sfx.resolve())]
+    assert len(load_clips(tmp_path / "out")) == len(load_clips(inst, kept_only=True)) + len(load_clips(sfx, kept_only=True))

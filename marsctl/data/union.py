@@ -86,7 +86,15 @@ class UnionSource:
         return members
 
     def relative_to(self, folder: Path) -> "UnionSource":
-        """The section with relative member paths made absolute against ``root`` or ``folder``."""
+        """The section as read from a recipe file in ``folder``: without ``root``, relative member paths
+        become absolute against ``folder``; with ``root``, only the root is made absolute (against the
+        current directory) and the members stay relative to it, so that ``--root`` can still replace it."""
+        if self.root:
+            return dataclasses.replace(self, root=str(Path(self.root).expanduser().resolve()))
+        return self.resolved(folder)
+
+    def resolved(self, folder: Path) -> "UnionSource":
+        """The section with every member path absolute, against ``root`` or else ``folder``."""
         base = Path(self.root).expanduser().resolve() if self.root else Path(folder).resolve()
         datasets = [{"path": os.path.normpath(base / Path(m.path).expanduser()), "family": m.family} for m in self.members()]
         return dataclasses.replace(self, datasets=datasets)
@@ -103,7 +111,7 @@ def apply_options(recipe, options, dataset_dir: Path | None = None):
     source: UnionSource = recipe.source
     if getattr(options, "root", None):
         source = dataclasses.replace(source, root=str(Path(options.root).expanduser().resolve()))
-    return recipe.with_source(**dataclasses.asdict(source.relative_to(Path.cwd())))
+    return recipe.with_source(**dataclasses.asdict(source.resolved(Path.cwd())))
 
 
 def _manifest_stamp(member_dir: Path) -> list[int] | None:
@@ -116,7 +124,7 @@ def _manifest_stamp(member_dir: Path) -> list[int] | None:
 
 def plan_units(recipe, dataset_dir: Path, options=None) -> tuple[list[WorkUnit], list[SkippedRow]]:
     """One unit per member dataset: its kept clips (of the recipe's labels, if it lists any)."""
-    source: UnionSource = recipe.source.relative_to(Path.cwd())
+    source: UnionSource = recipe.source.resolved(Path.cwd())
     wanted = set(recipe.labels)
     units: list[WorkUnit] = []
     skipped: list[SkippedRow] = []
