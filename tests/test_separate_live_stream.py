@@ -26,7 +26,7 @@ from marsctl.audio import load_audio
 from marsctl.audio.stream import open_live_stream
 from marsctl.cli import separate as separate_cli
 from marsctl.errors import ConfigError
-from marsctl.separate import Query, SeparateOptions, Separator, separate_waveform
+from marsctl.separate import Query, Separator, apply_separator
 from marsctl.separate.stream import LiveSeparation, StreamSettings
 from marsctl.separate.stream_io import LiveWav, stream_to_files
 
@@ -47,10 +47,10 @@ def separator():
 
 
 def _offline(separator, wave: torch.Tensor, window: int, hop: int, batch_size: int = 1) -> torch.Tensor:
-    """The offline overlap-add the stream's windows belong to."""
+    """The offline overlap-add the stream's windows belong to (the mixture as it is, no level gain)."""
     vector = separator.embed(Query(texts=("violin",)))[None]
-    options = SeparateOptions(chunk_samples=window, overlap=1 - hop / window, batch_size=batch_size)
-    return separate_waveform(separator.loaded.model, wave, vector, options)[0]
+    blocks = apply_separator(separator.loaded.model, wave, vector, chunk_samples=window, overlap=1 - hop / window, batch_size=batch_size)
+    return torch.cat(list(blocks), dim=-1)[0]
 
 
 def _run(live, wave: torch.Tensor, sizes) -> tuple[torch.Tensor, torch.Tensor]:

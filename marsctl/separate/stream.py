@@ -27,7 +27,8 @@ estimate in both streams. Hence: with ``latency >= window`` the current stream *
 result, and neither stream depends on how the input was cut into blocks (the work is done at hop
 boundaries, one window at a time).
 
-Compute is one separator pass per hop (plus one per hop during the first ``window`` samples); the
+Compute is at most one separator pass per hop (during the first ``window`` samples, one for each
+hop boundary where something is due); the
 worst case over the hops of a stream is in :attr:`LiveSeparation.timing`. BENCHMARKS.md section 14
 has the quality against latency and the per-hop compute on the CPU.
 """
@@ -179,9 +180,6 @@ class LiveSeparation:
         while self.next_start + s.window <= t:  # the window [t - window, t); one per boundary
             self._run(self.next_start)
         provisional = None
-        if t < s.window:  # no full window yet: [0, window) on what has arrived, zero-padded
-            piece = torch.nn.functional.pad(self.input[: t - self.input_offset], (0, s.window - t))
-            provisional = self.process(piece[None])[0].float()
         current_start = t - s.latency
         refined_start = current_start - s.refine_hops * s.hop
         parts = []
@@ -191,7 +189,13 @@ class LiveSeparation:
             if end <= lo:
                 parts.append(torch.zeros(self.outputs, 0))
                 continue
-            parts.append(provisional[:, lo:end].clone() if provisional is not None else self._estimate(lo, end))
+            if t < s.window:  # no full window yet: [0, window) on what has arrived, zero-padded
+                if provisional is None:
+                    piece = torch.nn.functional.pad(self.input[: t - self.input_offset], (0, s.window - t))
+                    provisional = self.process(piece[None])[0].float()
+                parts.append(provisional[:, lo:end].clone())
+            else:
+                parts.append(self._estimate(lo, end))
             self.emitted[stream] = end
         return parts[0], parts[1]
 
