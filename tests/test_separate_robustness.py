@@ -179,17 +179,17 @@ def test_query_mapping_files(tmp_path):
     assert five.exit_code == 2 and "must be a string" in five.output and not (tmp_path / "out5" / "a" / "5.wav").exists()
 
 
-def test_adding_a_residual_keeps_the_existing_estimate(tmp_path):
-    """Item 22: a re-run with --residual writes the residual only; --overwrite replaces both."""
+def test_adding_a_residual_rewrites_the_estimate_beside_it(tmp_path):
+    """Item 22 / issue 32 item 10: a re-run with --residual writes the residual with its estimate (an
+    estimate from another seed or model would not sum with it to the mixture); --overwrite replaces both."""
     mixture = _mix(tmp_path / "a.wav")
     out = tmp_path / "out"
-    assert separate(tmp_path / "a.wav", "-q", "violin", "-o", out).exit_code == 0
+    assert separate(tmp_path / "a.wav", "-q", "violin", "-o", out, "--decode", "sample", "--seed", "1").exit_code == 0
     estimate = out / "a" / "violin.wav"
-    stamp = estimate.stat().st_mtime_ns
-    again = separate(tmp_path / "a.wav", "-q", "violin", "-o", out, "--residual")
-    assert again.exit_code == 0 and "kept 1 existing" in again.output and "wrote 1 file(s)" in again.output
-    assert estimate.stat().st_mtime_ns == stamp
+    again = separate(tmp_path / "a.wav", "-q", "violin", "-o", out, "--residual", "--decode", "sample", "--seed", "2")
+    assert again.exit_code == 0 and "wrote 2 file(s)" in again.output, again.output
     np.testing.assert_allclose(sf.read(estimate)[0] + sf.read(out / "a" / "violin.residual.wav")[0], mixture, atol=1e-6)
+    stamp = estimate.stat().st_mtime_ns
     forced = separate(tmp_path / "a.wav", "-q", "violin", "-o", out, "--residual", "--overwrite")
     assert forced.exit_code == 0 and "wrote 2 file(s)" in forced.output and estimate.stat().st_mtime_ns != stamp
 

@@ -114,3 +114,25 @@ def test_train_rl_stops_at_the_first_non_finite_loss(tone_data, tmp_path):
     assert "step 5" in message and "not finite" in message and "step-00000003" in message
     assert list_checkpoints(tmp_path / "rl") == [3]
     assert _all_saved_weights_finite(tmp_path / "rl")
+
+
+def test_recorded_files_hold_no_absolute_paths_and_no_cookies_path(tone_data, tmp_path, monkeypatch):
+    """Issue 32 item 11: card, config.json, train_config.json and provenance.json name the data relative
+    to the run (the absolute path of the data folder appears in none of them); --cookies is redacted."""
+    import sys
+
+    from marsctl.hub import run_stage
+    from marsctl.recorded_paths import portable_command
+
+    out = tmp_path / "runs" / "sup"
+    data = str(Path(tone_data).resolve())
+    config = small_config(data, max_steps=2, checkpoint_every=2, val_every=2)
+    monkeypatch.setattr(sys, "argv", ["marsctl", "train", "sup", "--data", data, "--out", str(out)])
+    run_stage("train.sup", {"max_steps": 2}, {"data": Path(data)}, out,
+              lambda: train_supervised(config, out, encoder=LabelTestEncoder(), device="cpu", progress=False) and None, kind="separator")
+    for name in ("README.md", "config.json", "train_config.json", "provenance.json"):
+        text = (out / name).read_text()
+        assert data not in text, f"{name} records {data}"
+    assert (out / Path(__import__("json").loads((out / "train_config.json").read_text())["data"])).resolve() == Path(data)
+    words = portable_command(["marsctl", "data", "build", "x", "--cookies", "/home/alice/c.txt", "--cookies=/home/alice/d.txt"], tmp_path)
+    assert "/home/alice/c.txt" not in words and "--cookies=<redacted>" in words and words[-2] == "<redacted>"

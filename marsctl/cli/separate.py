@@ -18,7 +18,7 @@ def separate(
     query: Optional[List[str]] = typer.Option(None, "--query", "-q", metavar="TEXT", help="Text query, e.g. 'dog barking'. Repeat to compose several."),
     query_audio: Optional[List[Path]] = typer.Option(None, "--query-audio", metavar="FILE", help="An example recording of the sound to extract."),
     query_image: Optional[List[Path]] = typer.Option(None, "--query-image", metavar="FILE", help="An image of what makes the sound."),
-    span: Optional[List[str]] = typer.Option(None, "--span", metavar="START:END", help="A time span of each input, in seconds (e.g. 6.3:7.0), whose sound is the query (embedded like --query-audio). Repeat for several."),
+    span: Optional[List[str]] = typer.Option(None, "--span", metavar="A:B", help="A time span of each input, from A to B seconds (e.g. 6.3:7.0), whose sound is the query (embedded like --query-audio). Repeat for several."),
     negative: Optional[List[str]] = typer.Option(None, "--negative", metavar="TEXT", help="Text query of what to leave out."),
     negative_strength: float = typer.Option(0.5, "--negative-strength", metavar="A", min=0.0, help="A in (1+A) q - A q_neg."),
     queries_file: Optional[Path] = typer.Option(None, "--queries", metavar="FILE", help="CSV/JSON file with a query per file (columns path, query; optional query_audio, query_image, span, negative)."),
@@ -35,6 +35,7 @@ def separate(
     batch_size: int = typer.Option(8, "--batch-size", metavar="N", min=1, help="Chunks processed at once."),
     overlap: float = typer.Option(0.25, "--overlap", metavar="F", min=0.0, max=0.9, help="Overlap between chunks."),
     seed: int = typer.Option(0, "--seed", metavar="N", help="Seed for --decode sample and best-of-N."),
+    raw_level: bool = typer.Option(False, "--raw-level", metavar="", help="Separate each file at its own level (default: at the level the model was trained at, outputs given the file's level back; each file is read twice)."),
     stream: bool = typer.Option(False, "--stream", metavar="", help="Live separation of one input: '-' (standard input, WAV as 'ffmpeg -i IN -f wav -' writes it) or a file. Writes DIR/<input>/<query>.wav a hop at a time, --latency after the sound arrives, and <query>.refined.wav once each hop has been re-estimated with more of what followed."),
     latency: float = typer.Option(0.5, "--latency", metavar="S", help="--stream: seconds from a sound's arrival to its first estimate, whole hops (0.25, 0.5, 1, 2)."),
     hop: float = typer.Option(0.25, "--hop", metavar="S", help="--stream: seconds between two separator passes (each over the last 2 s)."),
@@ -85,9 +86,16 @@ def separate(
             problems, skipped = search.problems, search.skipped_non_audio
         elif queries_file is None:
             raise typer.BadParameter("give files or folders to separate (or a --queries mapping file)")
+        if not jobs:  # an empty folder (or only non-audio files): say so, and fail
+            where = ", ".join(map(str, paths or [queries_file]))
+            err_console.print(f"[bold red]error:[/] nothing to separate: no audio files found in {where}"
+                              + (f" ({len(skipped)} non-audio file(s) skipped)" if skipped else ""), highlight=False, soft_wrap=True)
+            for message in problems:
+                err_console.print(f"  {message}", highlight=False, soft_wrap=True, markup=False)
+            raise typer.Exit(1)
         check_output_folder(out)  # before the model is loaded: fail fast
         separator = Separator.from_pretrained(model or "default", encoder=encoder, device=device, decode=decode,
-                                              overlap=overlap, batch_size=batch_size, seed=seed)
+                                              overlap=overlap, batch_size=batch_size, seed=seed, normalize_level=not raw_level)
         if model is None:
             console.print(f"using the default model shipped with marsctl ({separator.directory}); pass --model to use yours", highlight=False)
         for note in separator.out_of_vocabulary([text for _, q in jobs for text in q.texts]):

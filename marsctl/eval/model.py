@@ -299,8 +299,13 @@ def check_judge(judge_spec: str, judge: QueryEncoder, model: LoadedSeparator, en
 
 
 def recorded_reward_encoder(model: LoadedSeparator) -> str:
-    """The reward encoder spec the model's RL run recorded (``config.json`` ``training.reward_encoder``); '' if none."""
-    return str((model.config.get("training") or {}).get("reward_encoder") or "")
+    """The reward encoder spec the model's RL run recorded (``config.json`` ``training.reward_encoder``); '' if none.
+    A path is recorded relative to the model folder (or as ``~/...``, :mod:`marsctl.recorded_paths`): it is read so."""
+    spec = str((model.config.get("training") or {}).get("reward_encoder") or "")
+    if spec.startswith("~") or (spec and not Path(spec).is_absolute() and (Path(model.directory) / spec).exists()):
+        local = Path(spec).expanduser() if spec.startswith("~") else Path(model.directory) / spec
+        return str(local) if local.exists() else spec
+    return spec
 
 
 def loads_here(encoder_spec: str) -> bool:

@@ -171,6 +171,8 @@ def download_snapshot(
         except HfHubHTTPError as exc:
             status = exc.response.status_code if exc.response is not None else "?"
             raise MarsctlError(f"{ref}: the Hub answered HTTP {status} ({_first_line(exc)})") from exc
+        except ValueError as exc:  # huggingface_hub refuses a file name such as ../x (it would land outside the cache)
+            raise MarsctlError(f"{ref}: the repo holds a file whose name is not a safe path ({_first_line(exc)}); nothing of it was used") from exc
         except (httpx2.HTTPError, OSError) as exc:
             raise MarsctlError(
                 f"{ref}: download interrupted ({type(exc).__name__}: {_first_line(exc)}); run the same command again "

@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -50,6 +51,8 @@ from marsctl.hub.artifacts import (
     write_provenance,
 )
 from marsctl.hub.card import card_stage_hash
+from marsctl.hub.secrets import redact_secrets
+from marsctl.recorded_paths import portable_command, portable_mapping, portable_path
 from marsctl.hub.refs import HubRef, download_snapshot, is_offline
 
 _log = Console(stderr=True)
@@ -282,15 +285,19 @@ class StageCache:
 
     def record(self, out_dir: str | Path, *, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Write ``artifact.json`` (the kind) and ``provenance.json`` into the finished ``out_dir`` (call it last)."""
+        # paths as marsctl.recorded_paths records them: relative to out_dir, Hub ids or ~/..., --cookies redacted
         inputs = {
-            name: {"spec": os.fspath(value) if isinstance(value, (str, os.PathLike)) else None,
+            name: {"spec": portable_path(os.fspath(value), out_dir) if isinstance(value, (str, os.PathLike)) else None,
                    "fingerprint": self.input_fingerprints[name]}
             for name, value in sorted(self.inputs.items())
         }
         if self.kind and self.kind != "dataset":  # a dataset's dataset.json says what it is
             write_artifact_kind(out_dir, self.kind)
-        return write_provenance(Path(out_dir), stage=self.stage, stage_hash=self.key, config=_canonical(self.config),
-                                inputs=inputs, kind=self.kind, extra=extra)
+        config = _canonical(self.config)
+        config = portable_mapping(config, out_dir) if isinstance(config, Mapping) else config
+        command = portable_command([redact_secrets(arg) for arg in ["marsctl", *sys.argv[1:]]], out_dir)
+        return write_provenance(Path(out_dir), stage=self.stage, stage_hash=self.key, config=config,
+                                inputs=inputs, kind=self.kind, extra={"command": command, **dict(extra or {})})
 
     def check_push_to(self, push_to: str | None) -> None:
         """Call before the stage runs: a bad ``--push-to`` (malformed id, no token, offline) fails now."""

@@ -43,6 +43,7 @@ from marsctl.rl.rollout import RewardModel, validation_reward
 from marsctl.rl.update import rl_update
 from marsctl.train.distributed import DistributedContext, bf16_autocast
 from marsctl.train.loop import Scores, require_dataset, run_training, step_seed
+from marsctl.recorded_paths import portable_config
 from marsctl.train.safety import check_finite_step
 from marsctl.train.validation import mode_estimates, validation_si_sdri
 
@@ -156,14 +157,15 @@ class RLTask:
         return out
 
     def save_artifact(self, directory: Path, step: int, scores: Scores) -> None:
-        config = self.config
+        config = portable_config(self.config, directory)  # paths relative to the artifact, Hub ids or ~/...
         extra = {
             # the policy setting kappa travels with the fine-tuned model
             "separator": {**to_mapping(self.model.config), "kappa": self.kappa},
             "training": {"stage": "rl", **to_mapping(config), "encoder": self.encoder_spec, "step": step, "last_val_si_sdri_db": scores.last},
             **({"labels": self.known_labels} if self.known_labels else {}),
         }
-        save_separator(self.model, directory, encoder=self.encoder_spec, extra=extra, card=self.card(step, scores))
+        save_separator(self.model, directory, encoder=self.encoder_spec, extra=extra,
+                       card=_model_card(config, step, scores.last, self.anchor_source))
 
     def card(self, step: int, scores: Scores) -> str:
         """The model card (README.md) of the artifact at ``step``."""

@@ -26,7 +26,7 @@ from marsctl.audio import StreamingResampler, open_audio_stream
 from marsctl.errors import ConfigError, MarsctlError
 from marsctl.models.encoder_base import QueryEncoder
 from marsctl.models.separator import LoadedSeparator, load_separator
-from marsctl.separate.apply import SeparateOptions, separate_waveform
+from marsctl.separate.apply import SeparateOptions, mixture_level_gain, separate_waveform
 from marsctl.separate.inputs import InputFile
 from marsctl.separate.outputs import ProgressCallback, SeparationReport, check_output_folder, separate_jobs
 from marsctl.separate.queries import DEFAULT_NEGATIVE_STRENGTH, Query, VocabularyNote, embed_query, out_of_vocabulary, parse_span
@@ -127,13 +127,16 @@ class Separator:
     """A trained query-conditioned separator with its query encoder, ready to separate.
 
     ``decode``, ``overlap``, ``batch_size``, ``chunk_samples`` and ``seed`` are the options of
-    :func:`marsctl.separate.apply.apply_separator` (as ``marsctl separate``'s flags).
+    :func:`marsctl.separate.apply.apply_separator` (as ``marsctl separate``'s flags);
+    ``normalize_level`` separates each mixture at the model's training level and restores its own
+    (:func:`marsctl.separate.apply.mixture_level_gain`; ``marsctl separate --raw-level`` turns it off).
     """
 
     def __init__(self, loaded: LoadedSeparator, encoder: QueryEncoder, *, decode: str = "mode", overlap: float = 0.25,
-                 batch_size: int = 8, chunk_samples: int | None = None, seed: int = 0):
+                 batch_size: int = 8, chunk_samples: int | None = None, seed: int = 0, normalize_level: bool = True):
         self.loaded, self.encoder = loaded, encoder
-        self.options = SeparateOptions(decode=decode, overlap=overlap, batch_size=batch_size, chunk_samples=chunk_samples, seed=seed)
+        self.options = SeparateOptions(decode=decode, overlap=overlap, batch_size=batch_size, chunk_samples=chunk_samples, seed=seed,
+                                       normalize_level=normalize_level)
 
     @classmethod
     def from_pretrained(cls, spec: str | Path = "default", *, encoder: str | None = None, device: str | torch.device | None = None,
@@ -216,7 +219,14 @@ class Separator:
         blocks = self._mixture_blocks(mixture, sample_rate)
         source = mixture if isinstance(mixture, (str, os.PathLike)) else blocks[0]  # spans: the file, or the resampled waveform
         vectors = torch.stack([self.embed(q, source if q.spans else None) for q in queries])
-        return separate_waveform(self.loaded.model, blocks, vectors, self.options, encoder=self.encoder)
+        gain = None
+        if self.options.normalize_level:  # a first pass over the mixture: its level (a file is read twice)
+            gain = mixture_level_gain(self.loaded.model, self._mixture_blocks(mixture, sample_rate) if isinstance(mixture, (str, os.PathLike)) else blocks)
+        estimates = separate_waveform(self.loaded.model, blocks, vectors, self.options, encoder=self.encoder, level_gain=gain)
+        if not bool(torch.isfinite(estimates).all()):
+            where = f"{mixture}: " if isinstance(mixture, (str, os.PathLike)) else ""
+            raise MarsctlError(f"{where}the separated audio is not finite (NaN or Inf); the input's level is beyond what float32 audio holds?")
+        return estimates
 
     def stream(
         self,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -42,6 +43,9 @@ class SeparateOptions:
     format: str = "wav"
     #: sample format (soundfile subtype); None: the format's default (FLOAT for wav, PCM_24 for flac)
     subtype: str | None = None
+    #: separate each mixture at the level the model was trained at and give the estimates the mixture's
+    #: own level back (:func:`mixture_level_gain`)
+    normalize_level: bool = True
 
     def __post_init__(self) -> None:
         check_decode(self.decode)
@@ -94,6 +98,52 @@ class _PrivateRNG:
 
 
 @torch.no_grad()
+def mixture_level_gain(model: SeparatorModel, blocks: Iterable[torch.Tensor]) -> float:
+    """The gain that brings a whole mixture (its consecutive blocks at the model's rate) to the level the
+    model was trained at; :func:`apply_separator` multiplies the input by it and divides the estimates.
+
+    As demucs' ``apply`` normalises a whole track by its standard deviation and undoes it on the
+    output, but with the model's own reference: the gain moves the mixture's mean log-magnitude (the
+    separator's input feature, where a level change is a pure shift) to the running mean its input
+    BatchNorm learned in training. One gain for the whole file (per-chunk gains followed the content
+    and cost 1.7 dB, BENCHMARKS.md); the mask is computed at that level and applied to the mixture as it is
+    (a masked STFT is linear in the input), so the output keeps the input's level. The mean is taken
+    over fixed chunks of the training window, each divided by its peak first, so it does not depend on
+    how the input was cut into blocks and a finite input near the float32 limit never overflows the
+    STFT. A silent mixture, or a model without an input BatchNorm, gets 1.
+    """
+    norm = getattr(getattr(model, "unet", None), "input_norm", None)
+    running_mean = getattr(norm, "running_mean", None)
+    if running_mean is None:
+        return 1.0
+    device = next(model.parameters()).device
+    window = model.config.signal.segment_samples
+    total, frames = 0.0, 0
+
+    def add(chunk: torch.Tensor) -> None:
+        nonlocal total, frames
+        peak = float(chunk.abs().max())
+        if peak > 0 and math.isfinite(peak):
+            _, _, log_mag = model.analyze((chunk / peak)[None].to(device))
+            count = log_mag.shape[-1]
+            total += (float(log_mag.mean()) + math.log(peak)) * count
+            frames += count
+
+    pending = torch.zeros(0)
+    for block in blocks:
+        pending = torch.cat([pending, block.detach().float().cpu()])
+        while pending.shape[-1] >= window:
+            add(pending[:window])
+            pending = pending[window:]
+    n_fft = model.config.signal.n_fft
+    if pending.numel() >= n_fft or (pending.numel() and not frames):  # a tail shorter than one STFT frame is left out
+        add(torch.nn.functional.pad(pending, (0, max(0, n_fft - pending.numel()))))
+    if not frames:
+        return 1.0
+    return math.exp(max(-100.0, min(100.0, float(running_mean.float().mean()) - total / frames)))
+
+
+@torch.no_grad()
 def apply_separator(
     model: SeparatorModel,
     mixture: torch.Tensor | Iterable[torch.Tensor],
@@ -105,6 +155,7 @@ def apply_separator(
     batch_size: int = 8,
     seed: int = 0,
     encoder: QueryEncoder | None = None,
+    level_gain: float | None = None,
 ) -> Iterator[torch.Tensor]:
     """Separate a mono mixture at the model's rate with ``K`` query vectors ``[K, D]``.
 
@@ -112,7 +163,9 @@ def apply_separator(
     sizes). Yields estimate blocks ``[K, m]`` on the CPU; together they are ``[K, T]``.
     ``chunk_samples`` defaults to the model's training window; ``decode='sample'`` and
     ``best-of-N`` draw from a generator seeded with ``seed``; ``best-of-N`` scores its samples
-    with ``encoder`` (the query encoder).
+    with ``encoder`` (the query encoder). ``level_gain`` (:func:`mixture_level_gain`) multiplies the
+    input and divides the estimates: the mixture is separated at the model's training level and keeps
+    its own (None: as it is).
     """
     check_decode(decode)
     best_of = parse_best_of(decode)
@@ -122,12 +175,19 @@ def apply_separator(
     queries = queries.to(device)
     rng = _PrivateRNG(seed, device)
 
-    def process(chunks: torch.Tensor) -> torch.Tensor:  # [N, chunk] -> [N, K, chunk]
+    def separate_chunks(chunks: torch.Tensor) -> torch.Tensor:  # [N, chunk] -> [N, K, chunk]
         q = queries.unsqueeze(0).expand(chunks.shape[0], -1, -1)
         with rng.active():
             if best_of is not None:  # N samples re-ranked by the encoder (marsctl.separate.decode)
                 return best_of_n_separate(model, chunks, q, best_of, encoder)
             return model.separate(chunks, q, decode=decode)
+
+    def process(chunks: torch.Tensor) -> torch.Tensor:
+        if level_gain is None or level_gain == 1.0:
+            return separate_chunks(chunks)
+        # in float64: a gain far from 1 (an input near the float32 limit) neither underflows nor overflows here
+        scaled = separate_chunks((chunks.double() * level_gain).float())
+        return (scaled.double() / level_gain).float()
 
     stream = StreamingOverlapAdd(process, chunk_samples or model.config.signal.segment_samples, overlap, batch_size)
     for block in [mixture] if isinstance(mixture, torch.Tensor) else mixture:
@@ -139,20 +199,25 @@ def apply_separator(
 
 def separate_waveform(
     model: SeparatorModel, waveform: torch.Tensor | Iterable[torch.Tensor], queries: torch.Tensor, options: SeparateOptions,
-    seed: int | None = None, encoder: QueryEncoder | None = None,
+    seed: int | None = None, encoder: QueryEncoder | None = None, level_gain: float | None = None,
 ) -> torch.Tensor:
     """One mono waveform ``[T]`` (or its consecutive blocks) and ``K`` query vectors ``[K, D]`` ->
-    ``[K, T]`` estimates: :func:`apply_separator` with the options of ``options``, joined."""
-    return torch.cat(list(apply_with_options(model, waveform, queries, options, seed, encoder)), dim=-1)
+    ``[K, T]`` estimates: :func:`apply_separator` with the options of ``options``, joined. With
+    ``options.normalize_level`` a tensor is normalised here; blocks need their ``level_gain``."""
+    if level_gain is None and options.normalize_level and isinstance(waveform, torch.Tensor):
+        level_gain = mixture_level_gain(model, [waveform])
+    return torch.cat(list(apply_with_options(model, waveform, queries, options, seed, encoder, level_gain)), dim=-1)
 
 
 def apply_with_options(
     model: SeparatorModel, mixture: torch.Tensor | Iterable[torch.Tensor], queries: torch.Tensor, options: SeparateOptions,
-    seed: int | None = None, encoder: QueryEncoder | None = None,
+    seed: int | None = None, encoder: QueryEncoder | None = None, level_gain: float | None = None,
 ) -> Iterator[torch.Tensor]:
     """:func:`apply_separator` with the decode, chunk, overlap, batch and seed of ``options``
-    (``seed`` overrides ``options.seed``); yields the estimate blocks."""
+    (``seed`` overrides ``options.seed``) and ``level_gain`` when ``options.normalize_level``; yields
+    the estimate blocks."""
     return apply_separator(
         model, mixture, queries, decode=options.decode, chunk_samples=options.chunk_samples, overlap=options.overlap,
         batch_size=options.batch_size, seed=options.seed if seed is None else seed, encoder=encoder,
+        level_gain=level_gain if options.normalize_level else None,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import json
 import os
 from pathlib import Path
@@ -34,7 +35,7 @@ def find_inputs(paths: Sequence[str | Path], exclude: Iterable[str | Path] = ())
     """Files to separate: files named as given, folders searched recursively (sorted; hidden
     files and the folders in ``exclude``, such as the output folder, left out). A missing or
     non-audio file named explicitly is reported when it is loaded; a folder that cannot be
-    listed is reported in ``problems``."""
+    listed, a dangling symlink, a symlink loop and a FIFO or device are reported in ``problems``."""
     search = InputSearch()
     excluded = {Path(p).resolve() for p in exclude}
     for given in map(Path, paths):
@@ -51,7 +52,16 @@ def find_inputs(paths: Sequence[str | Path], exclude: Iterable[str | Path] = ())
             subfolders[:] = sorted(d for d in subfolders if Path(folder, d).resolve() not in excluded)
             found += [Path(folder, name) for name in names if not name.startswith(".")]
         for path in sorted(found):
-            if not path.is_file():
+            if not path.is_file():  # one line each, never a silent skip
+                if path.is_symlink():
+                    try:
+                        path.stat()
+                        kind = "its target is not a file"
+                    except OSError as exc:
+                        kind = "a symlink loop" if getattr(exc, "errno", None) == errno.ELOOP else "a dangling symlink"
+                    search.problems.append(f"{path}: skipped: {kind}")
+                elif path.exists() and not path.is_dir():
+                    search.problems.append(f"{path}: skipped: not a regular file (a FIFO, socket or device)")
                 continue
             if is_audio_path(path):
                 search.files.append(InputFile(path, path.relative_to(given).with_suffix("")))

@@ -7,7 +7,10 @@
   :meth:`Query.output_stem`; two different queries of one run that would share a name both
   get the hash. No output ever leaves ``out``: an input whose output folder would (a mapping
   row ``../x.wav``) fails with one line. Existing outputs are kept unless ``overwrite``; a
-  missing residual is added without rewriting the estimate beside it.
+  missing residual is written with its estimate (both rewritten), so that estimate + residual is
+  always the mixture.
+* An output that is not finite (NaN/Inf: an input beyond what float32 audio holds) fails the file;
+  nothing is written for it.
 * Files are streamed: read in blocks (:func:`marsctl.audio.open_audio_stream`), separated
   chunk by chunk (:func:`marsctl.separate.apply.apply_separator`) and written block by block
   to temporary names that are renamed when the file is done, so memory stays flat with length
@@ -22,6 +25,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import errno
+import glob
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -35,7 +42,7 @@ from marsctl.errors import AudioError, MarsctlError
 from marsctl.files import atomic_path
 from marsctl.models.encoder_base import QueryEncoder
 from marsctl.models.separator import LoadedSeparator
-from marsctl.separate.apply import SeparateOptions, apply_with_options
+from marsctl.separate.apply import SeparateOptions, apply_with_options, mixture_level_gain
 from marsctl.separate.inputs import InputFile
 from marsctl.separate.queries import Query, embed_query
 
@@ -117,8 +124,10 @@ def separate_jobs(
                 owner = claimed.setdefault(target, path)
                 if owner != path:
                     raise MarsctlError(f"output {target} would also be written for {owner}; rename one of the inputs")
-                new_target = options.overwrite or not target.exists()
                 new_residual = options.residual and (options.overwrite or not residual.exists())
+                # a new residual comes with its estimate: an older estimate (another seed, model or
+                # setting) beside it would not sum with it to the mixture
+                new_target = options.overwrite or not target.exists() or new_residual
                 if not new_target:
                     report.kept_existing.append(target)
                 if not (new_target or new_residual) or query in failed_queries:
@@ -144,6 +153,8 @@ def separate_jobs(
         except (OSError, sf.SoundFileError) as exc:
             where = getattr(exc, "filename", None) or path
             reason = "permission denied" if isinstance(exc, PermissionError) else (getattr(exc, "strerror", None) or str(exc).splitlines()[0])
+            if _disk_full(exc, options.out_dir):  # libsndfile says only "System error."
+                where, reason = options.out_dir, "no space left on the device: the disk is full"
             report.failures.append((path, f"{path}: cannot write its outputs ({where}: {reason})"))
         if on_file is not None:
             on_file(path)
@@ -197,10 +208,13 @@ def _separate_file(
             yield torch.zeros(len(todo), done - emitted - tail.shape[-1])
 
     queries = torch.stack([embeddings[o.query if o.key is None else o.key] for o in todo])
-    estimates = at_output_rate(apply_with_options(model.model, (b for b in blocks() if b.numel()), queries, options, seed, encoder))
+    gain = _level_gain(model.model, path, options, rate, model_rate) if options.normalize_level else None
+    estimates = at_output_rate(apply_with_options(model.model, (b for b in blocks() if b.numel()), queries, options, seed, encoder, gain))
     finals = [p for o in todo for p in (o.target, o.residual) if p is not None]
     subtype, container = options.output_subtype, options.format.upper()
     pcm = subtype.startswith("PCM")
+    for final in finals:  # what a killed run left for these outputs (32 MB a minute of float WAV)
+        remove_stale_temporaries(final)
     with contextlib.ExitStack() as stack:
         temporary = {final: stack.enter_context(atomic_path(final)) for final in finals}
         files = {final: stack.enter_context(sf.SoundFile(str(tmp), "w", rate, 1, subtype=subtype, format=container)) for final, tmp in temporary.items()}
@@ -208,12 +222,46 @@ def _separate_file(
             if not from_model.identity:  # never past the mixture read so far
                 block = block[:, : min(block.shape[-1], _lag_samples(mixture_lag))]
             mixture = _take(mixture_lag, block.shape[-1])
+            if not bool(torch.isfinite(block).all()):  # never a NaN/Inf output under a final name
+                raise AudioError(path, "the separated audio is not finite (NaN or Inf; the input's level is beyond what "
+                                       "float32 audio holds?); nothing written for this file")
             for output, estimate in zip(todo, block):
                 if output.target is not None:
                     files[output.target].write(_for_subtype(estimate, pcm))
                 if output.residual is not None:
                     files[output.residual].write(_for_subtype(mixture - estimate, pcm))
     return finals
+
+
+def _disk_full(exc: BaseException, out_dir: Path) -> bool:
+    if getattr(exc, "errno", None) == errno.ENOSPC:
+        return True
+    try:
+        return isinstance(exc, sf.SoundFileError) and shutil.disk_usage(out_dir).free < (1 << 20)
+    except OSError:
+        return False
+
+
+def remove_stale_temporaries(final: Path) -> None:
+    """Remove the temporary files a killed run left for ``final`` (``atomic_path``'s
+    ``.<stem>.<8 characters>.tmp<suffix>`` beside it); nothing else is touched."""
+    pattern = re.compile(rf"^\.{re.escape(final.stem)}\.[a-z0-9_]{{8}}\.tmp{re.escape(final.suffix)}$")
+    with contextlib.suppress(OSError):
+        for leftover in final.parent.glob(f".{glob.escape(final.stem)}.*.tmp{glob.escape(final.suffix)}"):
+            if pattern.match(leftover.name) and leftover.is_file() and not leftover.is_symlink():
+                leftover.unlink(missing_ok=True)
+
+
+def _level_gain(model, path: Path, options: SeparateOptions, rate: int, model_rate: int) -> float:
+    """The file's :func:`~marsctl.separate.apply.mixture_level_gain`, from a first streamed pass over it."""
+    resampler = StreamingResampler(rate, model_rate)
+
+    def blocks() -> Iterator[torch.Tensor]:
+        for block in open_audio_stream(path, options.sample_rate):
+            yield resampler.push(block)
+        yield resampler.finish()
+
+    return mixture_level_gain(model, blocks())
 
 
 def _for_subtype(wave: torch.Tensor, pcm: bool) -> np.ndarray:

@@ -43,6 +43,7 @@ from marsctl.train import checkpoint as ckpt
 from marsctl.train.data import EpochIndexedDataset, StepBatchSampler, collate, fixed_mixtures, mixing_dataset
 from marsctl.train.distributed import DistributedContext
 from marsctl.train.lock import RunLock
+from marsctl.recorded_paths import portable_mapping
 from marsctl.train.safety import NonFiniteLoss, check_finite_weights, check_run_folder, clear_checkpoints, stop_message
 from marsctl.train.loop_config import TrainingLoopConfig
 
@@ -259,7 +260,7 @@ def _train(task, config, run_dir: Path, ctx: DistributedContext, resume, progres
     writer = SummaryWriter(str(run_dir / "tensorboard")) if ctx.is_main else None
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / "train_config.json", to_mapping(config))
+        write_json_atomic(run_dir / "train_config.json", portable_mapping(to_mapping(config), run_dir))  # no home paths
         # metrics.jsonl: one line per logged step, for `tail -f`; restarted from the checkpoint's history on resume
         write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
 

@@ -67,14 +67,19 @@ class TrainingLoopConfig(ValidatedConfig):
 def resolve_recipe_paths(config: T, recipe: str | Path | None, keys: Sequence[str], overrides: Mapping[str, Any] | None = None) -> T:
     """``config`` with the relative paths that came from ``recipe`` (not from ``overrides``) looked up
     next to the recipe file first: a recipe works from any directory. A path with nothing next to the
-    recipe stays relative to the current directory (as before); Hub ids and ``default`` pass unchanged."""
-    if recipe is None:
-        return config
-    folder = Path(recipe).resolve().parent
+    recipe stays relative to the current directory (as before); ``~/x`` is expanded; Hub ids and ``default``
+    pass unchanged."""
     changes = {}
+    for key in keys:  # ``~/x`` is the home folder's x, wherever it was written (recipe or option)
+        value = getattr(config, key)
+        if isinstance(value, str) and value.startswith("~"):
+            changes[key] = str(Path(value).expanduser())
+    if recipe is None:
+        return dataclasses.replace(config, **changes) if changes else config
+    folder = Path(recipe).resolve().parent
     for key in keys:
         value = getattr(config, key)
-        if not value or (overrides or {}).get(key) is not None or Path(value).is_absolute():
+        if not value or key in changes or (overrides or {}).get(key) is not None or Path(value).is_absolute():
             continue
         beside = folder / value
         if beside.exists():

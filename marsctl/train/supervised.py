@@ -38,6 +38,7 @@ from marsctl.queries import QueryBuilder
 from marsctl.train.distributed import DistributedContext, bf16_autocast
 from marsctl.train.loop import Scores, require_dataset, run_training, step_seed
 from marsctl.train.loop_config import TrainingLoopConfig, resolve_recipe_paths
+from marsctl.recorded_paths import portable_config
 from marsctl.train.safety import check_finite_step
 from marsctl.train.validation import validation_si_sdri
 
@@ -193,9 +194,10 @@ class SupervisedTask:
         return {"val_si_sdri": metrics["si_sdri"]}
 
     def save_artifact(self, directory: Path, step: int, scores: Scores) -> None:
-        extra = {"training": {**to_mapping(self.config), "step": step, "best_val_si_sdri_db": scores.best}, "labels": self.known_labels}
+        shown = portable_config(self.config, directory)  # paths relative to the artifact, Hub ids or ~/...
+        extra = {"training": {**to_mapping(shown), "step": step, "best_val_si_sdri_db": scores.best}, "labels": self.known_labels}
         save_separator(self.model, directory, encoder=self.config.encoder, extra=extra,
-                       card=_model_card(self.config, step, scores.best, self.val_sources))
+                       card=_model_card(shown, step, scores.best, self.val_sources))
 
     def state_dict(self) -> dict[str, Any]:
         return {}
