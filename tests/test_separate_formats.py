@@ -14,7 +14,6 @@ from marsctl.audio import load_audio, open_audio_stream, resample
 from marsctl.cli.main import app
 from marsctl.errors import ConfigError
 from marsctl.separate import InputFile, Query, SeparateOptions, Separator
-from marsctl.separate.apply import apply_with_options
 
 SR = 44_100
 
@@ -47,20 +46,18 @@ def test_outputs_default_to_the_input_rate_and_the_residual_completes_the_mixtur
     mixture = load_audio(path, None)  # channels averaged, at 44.1 kHz
     assert rate == SR and estimate.ndim == 1 and len(estimate) == len(residual) == len(mixture)
     np.testing.assert_allclose(estimate + residual, mixture, atol=1e-6)
-    # the separator's 16 kHz estimate, resampled back to the input's rate
-    at_model_rate = torch.cat(list(apply_with_options(separator.loaded.model, open_audio_stream(path, 16_000),
-                                                      separator.embed(Query(texts=("violin",)))[None], SeparateOptions())), dim=-1)[0]
+    # the separator's 16 kHz estimate (the in-memory API on the same file), resampled back to the input's rate
+    at_model_rate = separator.separate(path, query="violin")
     np.testing.assert_allclose(estimate, resample(at_model_rate, 16_000, SR).numpy()[: len(mixture)], atol=1e-5)
 
 
-def test_left_at_16_khz_mono_float_the_files_hold_the_separators_stream_bit_for_bit(separator, tmp_path):
+def test_left_at_16_khz_mono_float_the_files_hold_the_separators_samples_bit_for_bit(separator, tmp_path):
     for name, rate, given in (("mono16k.wav", 16_000, None), ("stereo44k.wav", SR, 16_000)):
         path = tmp_path / name
         wave = _stereo(2.0, rate)
         sf.write(path, wave[:, 0] if rate == 16_000 else wave, rate, subtype="FLOAT")
         _separate(separator, path, tmp_path / "out", sample_rate=given)
-        expected = torch.cat(list(apply_with_options(separator.loaded.model, open_audio_stream(path, 16_000),
-                                                     separator.embed(Query(texts=("violin",)))[None], SeparateOptions())), dim=-1)[0]
+        expected = separator.separate(path, query="violin")  # the in-memory API: the file streamed at 16 kHz
         mixture = torch.cat(list(open_audio_stream(path, 16_000)))
         estimate, out_rate = sf.read(tmp_path / "out" / path.stem / "violin.wav", dtype="float32")
         residual, _ = sf.read(tmp_path / "out" / path.stem / "violin.residual.wav", dtype="float32")

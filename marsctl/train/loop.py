@@ -40,6 +40,7 @@ from marsctl.files import write_json_atomic, write_text_atomic
 from marsctl.models.separator import Separator
 from marsctl.progress import StepProgress
 from marsctl.train import checkpoint as ckpt
+from marsctl.train.curves import write_curves
 from marsctl.train.data import EpochIndexedDataset, StepBatchSampler, collate, fixed_mixtures, mixing_dataset
 from marsctl.train.distributed import DistributedContext
 from marsctl.train.lock import RunLock
@@ -272,6 +273,8 @@ def _train(task, config, run_dir: Path, ctx: DistributedContext, resume, progres
             if key != "step" and value is not None:
                 name = f"val/{key.removeprefix('val_')}" if key.startswith("val_") else f"train/{key}"
                 writer.add_scalar(name, value, record["step"])
+        if any(key.startswith("val_") for key in record):
+            write_curves(run_dir, history)  # curves.png beside TensorBoard
 
     def validate(step: int) -> dict[str, float]:
         metrics = task.validate(val_set)
