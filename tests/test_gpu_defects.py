@@ -140,14 +140,14 @@ def test_cuda_rng_state_is_saved_and_restored_per_device(monkeypatch):
 
 
 # --- 3 and issue 32 item 9: rank 0 chooses the step; incomplete checkpoints are skipped ------------------------
-def test_ranks_with_different_views_resume_from_rank0s_step(four_steps, tmp_path):
+def test_ranks_with_different_views_resume_from_rank0s_step(tone_data, four_steps, tmp_path):
     """Two gloo ranks, each with its own view of the run directory (a lagging shared file system).
     First rank 0 sees steps 2-3 and rank 1 also a step 4: both resume at step 3 and end with identical
     weights (before: rank 1 resumed at 4; the ranks diverged or hung in a collective). Then rank 1 lacks
     the step 4 that rank 0 resumes from: every rank stops with one line, none trains."""
     views = [_copy_run(four_steps, tmp_path / "a0", drop=(4,), world_size=2), _copy_run(four_steps, tmp_path / "a1", world_size=2),
              _copy_run(four_steps, tmp_path / "b0", world_size=2), _copy_run(four_steps, tmp_path / "b1", drop=(4,), world_size=2)]
-    proc = _torchrun("views", _data_of(four_steps), 5, tmp_path / "out", *views)
+    proc = _torchrun("views", str(tone_data), 5, tmp_path / "out", *views)
     assert proc.returncode == 0, proc.stderr[-3000:]
     first, second = ([json.loads((tmp_path / "out" / f"{i}-rank{r}.json").read_text()) for r in (0, 1)] for i in (0, 1))
     assert [info["steps"] for info in first] == [[4, 5], [4, 5]] and [info["error"] for info in first] == [None, None]
@@ -159,12 +159,8 @@ def test_ranks_with_different_views_resume_from_rank0s_step(four_steps, tmp_path
     assert list_checkpoints(views[2]) == [2, 3, 4]
 
 
-def _data_of(run: Path) -> str:
-    return json.loads((run / "train_config.json").read_text())["data"]
-
-
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
-def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(four_steps, tmp_path, damage):
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tone_data, four_steps, tmp_path, damage):
     from marsctl.train.supervised import train_supervised
 
     run = _copy_run(four_steps, tmp_path / "run")
@@ -174,7 +170,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(four_steps, 
     else:
         model_file.unlink()
     lines: list[str] = []
-    config = small_config(_data_of(four_steps), 5, checkpoint_every=1, val_every=100, log_every=1)
+    config = small_config(str(tone_data), 5, checkpoint_every=1, val_every=100, log_every=1)
     result = train_supervised(config, run, encoder=LabelTestEncoder(), device="cpu", progress=False, log=lines.append)
     skipped = [line for line in lines if "step-00000004" in line]
     assert len(skipped) == 1 and ("truncated" in skipped[0] or "no model.safetensors" in skipped[0]), lines
@@ -208,11 +204,11 @@ def test_process_group_timeout_is_sized_to_validation(monkeypatch):
 
 
 # --- 5. a changed world size is refused -------------------------------------------------------------------------
-def test_resume_with_another_world_size_is_refused(four_steps, tmp_path):
+def test_resume_with_another_world_size_is_refused(tone_data, four_steps, tmp_path):
     from marsctl.train.supervised import train_supervised
 
     run = _copy_run(four_steps, tmp_path / "run", world_size=2)
-    config = small_config(_data_of(four_steps), 5, checkpoint_every=1, val_every=100, log_every=1)
+    config = small_config(str(tone_data), 5, checkpoint_every=1, val_every=100, log_every=1)
     with pytest.raises(MarsctlError, match=r"trained by 2 process\(es\) and this run has 1"):
         train_supervised(config, run, encoder=LabelTestEncoder(), device="cpu", progress=False)
     assert list_checkpoints(run) == [2, 3, 4]
