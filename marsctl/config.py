@@ -276,29 +276,60 @@ def to_mapping(obj: Any) -> dict[str, Any]:
 MAX_YAML_BYTES = 4 << 20
 
 
-def load_yaml(text: str, where: str) -> Any:
-    """Parse ``text`` (a recipe, a config, a card's front matter) with PyYAML's safe loader,
-    refusing aliases; any problem is one :class:`ConfigError` line naming ``where``.
+#: the most nodes a YAML document may expand to, aliases counted as copies of what they name
+MAX_YAML_NODES = 1_000_000
 
-    Aliases (``*name``, and so ``<<: *name`` merges) let a few lines of YAML stand for an
-    exponentially large document ("billion laughs"); nothing marsctl reads needs them, so the
-    events are scanned for one before anything is built."""
+
+def load_yaml(text: str, where: str) -> Any:
+    """Parse ``text`` (a recipe, a config, a card's front matter) with PyYAML's safe loader; any
+    problem is one :class:`ConfigError` line naming ``where``.
+
+    Aliases (``*name``) let a few lines of YAML stand for an exponentially large document ("billion
+    laughs"), which the stages then copy and print. PyYAML's own dumper writes them for shared
+    objects, so they are allowed, but the document's size with every alias expanded is counted from
+    the parser's events before anything is built, and refused above :data:`MAX_YAML_NODES`."""
     import yaml
 
     if len(text) > MAX_YAML_BYTES:
         raise ConfigError(f"{where}: too large for a recipe ({len(text)} characters; at most {MAX_YAML_BYTES})")
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C parser when PyYAML has it (same results)
     try:
-        for event in yaml.parse(text, Loader=loader):
-            if isinstance(event, yaml.AliasEvent):
-                line = f", line {event.start_mark.line + 1}" if event.start_mark is not None else ""
-                raise ConfigError(f"{where}: not valid YAML (YAML aliases (*{event.anchor}) are not allowed{line})")
+        _check_expanded_size(yaml.parse(text, Loader=loader), where)
         return yaml.load(text, Loader=loader)  # noqa: S506 (a safe loader)
     except yaml.YAMLError as exc:
         detail = " ".join(str(exc).split())
         raise ConfigError(f"{where}: not valid YAML ({detail})") from None
     except RecursionError:
         raise ConfigError(f"{where}: not valid YAML (nested too deeply)") from None
+
+
+def _check_expanded_size(events: Any, where: str) -> None:
+    """Count the nodes of the documents in ``events`` with every alias expanded, without expanding
+    anything: each anchored node's expanded size is remembered, an alias adds it."""
+    import yaml
+
+    sizes: dict[str, int] = {}
+    stack: list[list] = [[0, None]]  # [nodes so far, anchor] per open collection
+    for event in events:
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            stack.append([1, event.anchor])
+            continue
+        if isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            count, anchor = stack.pop()
+        elif isinstance(event, yaml.ScalarEvent):
+            count, anchor = 1, event.anchor
+        elif isinstance(event, yaml.AliasEvent):
+            count, anchor = sizes.get(event.anchor, 1), None
+        else:
+            continue
+        if anchor is not None:
+            sizes[anchor] = count
+        stack[-1][0] += count
+        if stack[-1][0] > MAX_YAML_NODES or count > MAX_YAML_NODES:
+            line = f", line {event.start_mark.line + 1}" if event.start_mark is not None else ""
+            raise ConfigError(
+                f"{where}: not valid YAML (aliases expand it beyond {MAX_YAML_NODES} nodes{line}; write the values out)"
+            )
 
 
 def read_yaml_file(path: str | Path, what: str = "recipe") -> Any:
