@@ -173,17 +173,33 @@ def logmel_stats(db: np.ndarray) -> np.ndarray:
     return np.concatenate([db.mean(axis=1), db.std(axis=1)]).astype(np.float64)
 
 
+class _Aligned:
+    """Time-lag spectra of band-centred log-mel spectrograms, computed once per clip, for :meth:`correlation`."""
+
+    def __init__(self, spectrograms: list[np.ndarray]):
+        longest = max(s.shape[1] for s in spectrograms)
+        self.size = 1 << (2 * longest - 2).bit_length()
+        self.spectra: dict[int, np.ndarray] = {}
+        self.norms: dict[int, float] = {}
+        self.spectrograms = spectrograms
+
+    def _spectrum(self, i: int) -> np.ndarray:
+        if i not in self.spectra:
+            centred = self.spectrograms[i] - self.spectrograms[i].mean(axis=1, keepdims=True)
+            self.norms[i] = float(np.linalg.norm(centred))
+            self.spectra[i] = np.fft.rfft(centred, self.size, axis=1).astype(np.complex64)  # ~0.26 MB a clip
+        return self.spectra[i]
+
+    def correlation(self, i: int, k: int) -> float:
+        """The largest normalised cross-correlation over time lags of clips ``i`` and ``k``."""
+        product = (self._spectrum(i) * np.conj(self._spectrum(k))).sum(axis=0)
+        norm = self.norms[i] * self.norms[k]
+        return float(np.fft.irfft(product, self.size).max() / norm) if norm > 1e-12 else 0.0
+
+
 def aligned_correlation(a: np.ndarray, b: np.ndarray) -> float:
     """The largest normalised cross-correlation over time lags of two log-mel spectrograms, each band minus its mean."""
-    a = a - a.mean(axis=1, keepdims=True)
-    b = b - b.mean(axis=1, keepdims=True)
-    norm = float(np.linalg.norm(a) * np.linalg.norm(b))
-    if norm <= 1e-12:
-        return 0.0
-    n = a.shape[1] + b.shape[1] - 1
-    size = 1 << (n - 1).bit_length()
-    spectrum = np.fft.rfft(a, size, axis=1) * np.conj(np.fft.rfft(b, size, axis=1))
-    return float(np.fft.irfft(spectrum.sum(axis=0), size).max() / norm)
+    return _Aligned([a, b]).correlation(0, 1)
 
 
 def content_hash(wave: np.ndarray) -> str:
@@ -312,8 +328,9 @@ def _near_duplicates(records: list[dict[str, Any]], cos: np.ndarray, spectrogram
     groups = np.array([r["group"] for r in records])
     masked = np.where(groups[:, None] != groups[None, :], cos, -np.inf)
     aligned: dict[tuple[int, int], float] = {}
+    lags = _Aligned(spectrograms)
     for i, k in zip(*np.nonzero(np.triu(masked >= config.candidate_threshold, 1))):
-        aligned[int(i), int(k)] = aligned[int(k), int(i)] = aligned_correlation(spectrograms[i], spectrograms[k])
+        aligned[int(i), int(k)] = aligned[int(k), int(i)] = lags.correlation(int(i), int(k))
     found = []
     for i, record in enumerate(records):
         j = int(np.argmax(masked[i]))
