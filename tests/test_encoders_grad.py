@@ -142,7 +142,11 @@ def test_clap_gradient_reaches_the_waveform(clap_encoder):
 @needs_laion_clap
 def test_clap_without_the_request_is_todays_output(clap_encoder):
     waves = noise(2, CLAP_SAMPLE_RATE, seed=5, scale=0.5)  # scale 0.5: some samples clip at +-1
-    assert torch.equal(clap_encoder.embed_audio(waves, CLAP_SAMPLE_RATE), clap_embedding_as_of_ff85a41(clap_encoder, waves))
+    reference = clap_embedding_as_of_ff85a41(clap_encoder, waves)
+    for wave, expected in zip(waves, reference):  # one clip: bit for bit
+        assert torch.equal(clap_encoder.embed_audio(wave[None], CLAP_SAMPLE_RATE)[0], expected)
+    # several clips share one HTSAT batch now (issue 26): equal up to float32 rounding
+    assert torch.allclose(clap_encoder.embed_audio(waves, CLAP_SAMPLE_RATE), reference, rtol=0, atol=1e-6)
     check_default_keeps_no_graph(clap_encoder, noise(1, SR, seed=6))
 
 
