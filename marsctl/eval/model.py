@@ -168,6 +168,7 @@ def evaluate_separator(
     reward_encoder: QueryEncoder | None = None,
     only: Collection[str] | None = None,
     on_systems: Callable[[TestMixture, list[tuple[str, str, torch.Tensor]]], None] | None = None,
+    options: SeparateOptions | None = None,
     score: bool = True,
 ) -> list[dict[str, Any]]:
     """Per-source rows for the model (each modality) and, with ``references``, the mixture and IRM oracle.
@@ -193,7 +194,7 @@ def evaluate_separator(
     if judge_encoder is not None:
         scorers = {JUDGE_SCORE: TextAudioScorer(judge_encoder, signal.sample_rate), **scorers}
     spectrogram = Spectrogram(signal).double()
-    options = SeparateOptions()
+    options = options or SeparateOptions()  # separate's defaults (level normalisation on)
     rows: list[dict[str, Any]] = []
     for mix in mixtures:
         if mix.sources.shape[1] == 0 or (only is not None and mix.mixture_id not in only):
