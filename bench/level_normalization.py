@@ -29,7 +29,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    model = load_separator(args.model)
+    from marsctl.pretrained import DEFAULT_SEPARATOR_DIR
+
+    model = load_separator(DEFAULT_SEPARATOR_DIR if args.model == "default" else args.model)
     encoder = load_encoder(model.encoder)
     scores = {}
     for name, normalize in (("normalized", True), ("raw", False)):
