@@ -200,6 +200,10 @@ def test_recipe_section_errors_name_the_rule():
         DebianSource(rules=[{**rule, "lable": "y"}])
     with pytest.raises(ConfigError, match="no rules"):
         DebianSource()
+    for key, value in (("max_windows_per_recording", 0), ("max_sequences_per_group", -1), ("workers", 0), ("seed", -1),
+                       ("clip_seconds", 0.0)):
+        with pytest.raises(ConfigError, match=rf"^debian\.{key} must be in .*got {value}$"):
+            DebianSource(rules=[rule], **{key: value})
 
 
 def test_download_is_apt_get_download_of_the_package_alone():

@@ -188,8 +188,13 @@ class DebianSource:
                 )
         if len(self.gap_seconds) != 2 or not 0 <= self.gap_seconds[0] <= self.gap_seconds[1]:
             raise ConfigError(f"debian.gap_seconds must be [low, high] with 0 <= low <= high, got {self.gap_seconds}")
-        if self.clip_seconds <= 0:
-            raise ConfigError(f"debian.clip_seconds must be positive, got {self.clip_seconds}")
+        if not 0 < self.clip_seconds <= 600:
+            raise ConfigError(f"debian.clip_seconds must be in (0, 600] seconds, got {self.clip_seconds}")
+        for key in ("max_windows_per_recording", "max_sequences_per_group", "workers"):
+            if not 1 <= getattr(self, key) <= 10_000:
+                raise ConfigError(f"debian.{key} must be in 1..10000, got {getattr(self, key)}")
+        if self.seed < 0:
+            raise ConfigError(f"debian.seed must be in 0.., got {self.seed}")
 
     def parsed_rules(self) -> tuple[Rule, ...]:
         return tuple(parse_rule(entry, self.prefixes, f"debian.rules[{i}]") for i, entry in enumerate(self.rules))
