@@ -263,7 +263,7 @@ def train_rl(
     # the judge scores validations, which rank 0 alone runs: the other ranks do not load it
     judge = RLJudge.load(config.judge, reward_encoder, model.config.signal.sample_rate, ctx.device, say) if config.judge and ctx.is_main else None
     known_labels = [str(label) for label in start.config.get("labels") or []]  # what the start was trained on
-    if config.queries:  # reference-free RL on a folder does not teach new classes (BENCHMARKS.md 12.2b)
+    if config.queries:  # reference-free RL on a folder refines known classes; it does not teach new ones (docs/results.md)
         task = folder_task(config, model, reference, encoder, encoder_spec, reward_encoder, ctx, say, known_labels)
     else:
         from marsctl.data.manifest import training_labels
