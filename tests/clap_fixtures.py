@@ -52,16 +52,28 @@ def write_roberta_files(path: Path, with_bytes: bool = True) -> Path:
 
 @pytest.fixture(scope="module")
 def no_network():
-    """Every connection attempt is refused *and recorded* (a library may swallow the error)."""
+    """Every connection attempt except to 127.0.0.1 is refused *and recorded*."""
     attempts: list[str] = []
+    connect, create = socket.socket.connect, socket.create_connection
 
-    def refuse(*args, **kwargs):
-        attempts.append(repr(args)[:200])
+    def local_only(address) -> bool:
+        return isinstance(address, tuple) and address[0] in ("127.0.0.1", "localhost")
+
+    def guarded_connect(self, address, *args, **kwargs):
+        if local_only(address):
+            return connect(self, address, *args, **kwargs)
+        attempts.append(repr(address)[:200])
+        raise OSError("network access is not allowed in this test")
+
+    def guarded_create(address, *args, **kwargs):
+        if local_only(address):
+            return create(address, *args, **kwargs)
+        attempts.append(repr(address)[:200])
         raise OSError("network access is not allowed in this test")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(socket.socket, "connect", refuse)
-        mp.setattr(socket, "create_connection", refuse)
+        mp.setattr(socket.socket, "connect", guarded_connect)
+        mp.setattr(socket, "create_connection", guarded_create)
         yield attempts
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,7 @@ from marsctl.models.encoders.imagebind import (  # noqa: E402
     ImageBindEncoderConfig,
     ImageBindModel,
 )
+from clap_fixtures import no_network  # noqa: E402,F401  (fixture: connections refused but to 127.0.0.1)
 from data_http import serve_folder  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -50,33 +50,6 @@ def tiny_arch(vocab_size: int) -> ImageBindArch:
     return ImageBindArch(out_embed_dim=24, vision_embed_dim=32, vision_num_blocks=1, vision_num_heads=2, text_embed_dim=32,
                          text_num_blocks=1, text_num_heads=2, audio_embed_dim=32, audio_num_blocks=1, audio_num_heads=2,
                          vocab_size=vocab_size)
-
-
-@pytest.fixture(scope="module")
-def no_network():
-    """Every connection attempt except to 127.0.0.1 is refused *and recorded*."""
-    attempts: list[str] = []
-    connect, create = socket.socket.connect, socket.create_connection
-
-    def local_only(address) -> bool:
-        return isinstance(address, tuple) and address[0] in ("127.0.0.1", "localhost")
-
-    def guarded_connect(self, address, *args, **kwargs):
-        if local_only(address):
-            return connect(self, address, *args, **kwargs)
-        attempts.append(repr(address)[:200])
-        raise OSError("network access is not allowed in this test")
-
-    def guarded_create(address, *args, **kwargs):
-        if local_only(address):
-            return create(address, *args, **kwargs)
-        attempts.append(repr(address)[:200])
-        raise OSError("network access is not allowed in this test")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(socket.socket, "connect", guarded_connect)
-        mp.setattr(socket, "create_connection", guarded_create)
-        yield attempts
 
 
 @pytest.fixture(scope="module")
