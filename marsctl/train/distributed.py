@@ -15,6 +15,7 @@ group does not reach them).
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
 import os
@@ -114,6 +115,10 @@ class DistributedContext:
         if world > 1 and not torch_dist.is_initialized():
             backend = "nccl" if torch_device.type == "cuda" else "gloo"
             torch_dist.init_process_group(backend=backend, timeout=collective_timeout())
+            # kept until the process ends: a later stage in the same process (train sup, then train rl)
+            # reuses it; destroying and re-creating the default group under one torchrun rendezvous hung
+            # (one rank in init_process_group, the other already in its first collective)
+            atexit.register(_destroy_process_group)
             initialized = True
         return cls(rank=rank, world_size=world, local_rank=local_rank, device=torch_device, initialized_here=initialized)
 
@@ -161,8 +166,13 @@ class DistributedContext:
         return bool(tensor.item())
 
     def close(self) -> None:
-        if self.initialized_here and torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
+        """End of one stage. The process group stays for the next stage of this process (it is destroyed at
+        exit): no collective here, so a rank leaving on an error does not hang the others in it."""
+
+
+def _destroy_process_group() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
 def process_rank() -> int:
