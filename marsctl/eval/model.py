@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable, Collection, Mapping, Sequence
 
@@ -305,7 +306,7 @@ def recorded_reward_encoder(model: LoadedSeparator) -> str:
     spec = str((model.config.get("training") or {}).get("reward_encoder") or "")
     if spec.startswith("~") or (spec and not Path(spec).is_absolute() and (Path(model.directory) / spec).exists()):
         local = Path(spec).expanduser() if spec.startswith("~") else Path(model.directory) / spec
-        return str(local) if local.exists() else spec
+        return os.path.normpath(local) if local.exists() else spec  # run/../encoder reads as encoder
     return spec
 
 
