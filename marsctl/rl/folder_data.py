@@ -312,8 +312,8 @@ class FolderRLTask(RLTask):
         self.last_val_reward = rewards.get("reward")
         return {f"val_{k}": v for k, v in rewards.items()}
 
-    def card(self, step: int, scores: Scores) -> str:
-        config, data = self.config, self.data
+    def card(self, step: int, scores: Scores, config: RLConfig | None = None) -> str:
+        config, data = config or self.config, self.data
         weights = ", ".join(f"{k} {v:g}" for k, v in config.rewards.weights.items() if v != 0)
         if not self.val_crops:
             validation = "none (a single usable file: nothing held out)"

@@ -164,12 +164,12 @@ class RLTask:
             "training": {"stage": "rl", **to_mapping(config), "encoder": self.encoder_spec, "step": step, "last_val_si_sdri_db": scores.last},
             **({"labels": self.known_labels} if self.known_labels else {}),
         }
-        save_separator(self.model, directory, encoder=self.encoder_spec, extra=extra,
-                       card=_model_card(config, step, scores.last, self.anchor_source))
+        save_separator(self.model, directory, encoder=self.encoder_spec, extra=extra, card=self.card(step, scores, config))
 
-    def card(self, step: int, scores: Scores) -> str:
-        """The model card (README.md) of the artifact at ``step``."""
-        return _model_card(self.config, step, scores.last, self.anchor_source)
+    def card(self, step: int, scores: Scores, config: RLConfig | None = None) -> str:
+        """The model card (README.md) of the artifact at ``step`` (``config``: the settings as recorded, with
+        portable paths; the run's own by default)."""
+        return _model_card(config or self.config, step, scores.last, self.anchor_source)
 
     def state_dict(self) -> dict[str, Any]:
         return {"baseline": self.baseline.state_dict() if self.baseline is not None else None,
