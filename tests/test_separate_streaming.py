@@ -15,6 +15,7 @@ import marsctl.audio.stream as stream_module
 from marsctl.audio import StreamingOverlapAdd, StreamingResampler, load_audio, open_audio_stream, overlap_add, resample
 from marsctl.errors import AudioError
 from marsctl.separate import InputFile, Query, SeparateOptions, Separator, apply_separator, separate_waveform
+from marsctl.separate.apply import mixture_level_gain
 
 SR = 44_100
 
@@ -111,7 +112,9 @@ def test_sampled_decode_is_the_same_streamed_or_whole(separator):
             torch.rand(5)  # the caller drawing random numbers between blocks changes nothing
             yield mixture[start : start + 7_777]
 
-    streamed = torch.cat(list(apply_separator(model, blocks(), queries, decode="sample", seed=3)), dim=-1)
+    # separate_waveform separates at the training level (one gain for the whole mixture); blocks get that gain
+    gain = mixture_level_gain(model, [mixture])
+    streamed = torch.cat(list(apply_separator(model, blocks(), queries, decode="sample", seed=3, level_gain=gain)), dim=-1)
     assert torch.equal(streamed, whole)
 
 
@@ -134,8 +137,11 @@ def test_streamed_outputs_equal_the_whole_file_result(separator, tmp_path, monke
     estimate, rate = sf.read(tmp_path / "out" / "long" / "violin.wav", dtype="float32")
     residual, _ = sf.read(tmp_path / "out" / "long" / "violin.residual.wav", dtype="float32")
     assert rate == 16_000 and len(estimate) == len(whole)
-    np.testing.assert_allclose(estimate, whole.numpy(), atol=1e-5)
-    np.testing.assert_allclose(residual, (mixture - whole).numpy(), atol=1e-5)
+    # an mp3 decoded in blocks and decoded whole differ in the last bits, and the one level gain measured on
+    # each moves the mask a little (9.8e-5 at peak 0.16 seen); a wav is read bit-identically both ways
+    tolerance = 1e-5 if suffix == ".wav" else 3e-4
+    np.testing.assert_allclose(estimate, whole.numpy(), atol=tolerance)
+    np.testing.assert_allclose(residual, (mixture - whole).numpy(), atol=tolerance)
     assert len(seen) >= 10 and [d for d, _ in seen] == sorted(d for d, _ in seen)
     assert abs(seen[-1][0] - 9.0) < 0.2 and abs(seen[0][1] - 9.0) < 0.2
     assert sorted(p.name for p in (tmp_path / "out" / "long").iterdir()) == ["violin.residual.wav", "violin.wav"]  # no temporaries
