@@ -16,18 +16,7 @@ import pytest
 import torch
 
 from marsctl.models.encoders.clap import build_clap_model
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable-character table (the alphabet of byte-level BPE)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+from marsctl.models.encoders.imagebind import bytes_to_unicode  # the byte-level BPE alphabet (GPT-2, RoBERTa, CLIP)
 
 
 def write_roberta_files(path: Path, with_bytes: bool = True) -> Path:
