@@ -89,7 +89,7 @@ class ValidationGain:
 def validation_gain(candidate, candidate_encoder, baseline, baseline_encoder, dataset_dir: Path, split: str = "val",
                     min_gain_db: float = 0.0, z: float = 1.0) -> ValidationGain:
     """Both separators on every fixed ``split`` mixture with text queries; SI-SDRi paired per source
-    (a source one model cannot score counts as -60 dB gain-wise through the metric's floor, so it is kept)."""
+    (scores carry eval's -60/+60 dB floor and ceiling, so a failed or perfect estimate still counts as a pair)."""
     rows = {}
     for name, model, encoder in (("candidate", candidate, candidate_encoder), ("baseline", baseline, baseline_encoder)):
         scored = evaluate_separator(model, encoder, dataset_dir, query_modalities=("text",), split=split, references=False)
